@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers. Imported lazily: importing fpkern never imports triton."""

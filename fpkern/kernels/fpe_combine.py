@@ -1,0 +1,135 @@
+"""Triton kernels: the score-FPE residual assembled from its terms, and the Hutchinson reduction.
+
+Launchers take contiguous (rows, cols) views (probe stacks as (K, rows, cols)) and allocate
+their outputs; the autograd ops that call them live in fpkern/ops/combine.py. Arithmetic runs
+in float32 for 16-bit inputs and in the input precision otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_MAX_BLOCK = 4096
+
+
+def _block(cols: int) -> int:
+    return max(16, min(_MAX_BLOCK, triton.next_power_of_2(cols)))
+
+
+@triton.jit
+def _load(ptr, offs, mask, UPCAST: tl.constexpr):
+    x = tl.load(ptr + offs, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _combine_fwd_kernel(dts_ptr, second_ptr, jc_ptr, s_ptr, g2_ptr, f_ptr, out_ptr, cols,
+                        UPCAST: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols_ = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols_ < cols
+    offs = row * cols + cols_
+    half_g2 = 0.5 * _load(g2_ptr, row, True, UPCAST)
+    f = _load(f_ptr, row, True, UPCAST)
+    r = (_load(dts_ptr, offs, mask, UPCAST) - half_g2 * _load(second_ptr, offs, mask, UPCAST)
+         - _load(jc_ptr, offs, mask, UPCAST) + f * _load(s_ptr, offs, mask, UPCAST))
+    tl.store(out_ptr + offs, r.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_bwd_kernel(go_ptr, second_ptr, s_ptr, g2_ptr, f_ptr, d_dts_ptr, d_second_ptr,
+                        d_jc_ptr, d_s_ptr, d_g2_ptr, d_f_ptr, cols,
+                        UPCAST: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    half_g2 = 0.5 * _load(g2_ptr, row, True, UPCAST)
+    f = _load(f_ptr, row, True, UPCAST)
+    acc_g2 = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_f = tl.zeros([BLOCK], dtype=tl.float64)
+    for start in range(0, cols, BLOCK):
+        cols_ = start + tl.arange(0, BLOCK)
+        mask = cols_ < cols
+        offs = row * cols + cols_
+        g = _load(go_ptr, offs, mask, UPCAST)
+        ty = d_dts_ptr.dtype.element_ty
+        tl.store(d_dts_ptr + offs, g.to(ty), mask=mask)
+        tl.store(d_second_ptr + offs, (-half_g2 * g).to(ty), mask=mask)
+        tl.store(d_jc_ptr + offs, (-g).to(ty), mask=mask)
+        tl.store(d_s_ptr + offs, (f * g).to(ty), mask=mask)
+        acc_g2 += (_load(second_ptr, offs, mask, UPCAST) * g).to(tl.float64)
+        acc_f += (_load(s_ptr, offs, mask, UPCAST) * g).to(tl.float64)
+    tl.store(d_g2_ptr + row, (-0.5 * tl.sum(acc_g2, axis=0)).to(d_g2_ptr.dtype.element_ty))
+    tl.store(d_f_ptr + row, tl.sum(acc_f, axis=0).to(d_f_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _hutchinson_fwd_kernel(v_ptr, jv_ptr, out_ptr, K, rows, cols,
+                           UPCAST: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for k in range(0, K):
+        base = (k * rows + row) * cols
+        for start in range(0, cols, BLOCK):
+            cols_ = start + tl.arange(0, BLOCK)
+            mask = cols_ < cols
+            v = _load(v_ptr, base + cols_, mask, UPCAST)
+            jv = _load(jv_ptr, base + cols_, mask, UPCAST)
+            acc += (v * jv).to(tl.float64)
+    tl.store(out_ptr + row, (tl.sum(acc, axis=0) / K).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _hutchinson_bwd_kernel(go_ptr, v_ptr, jv_ptr, d_v_ptr, d_jv_ptr, K, rows, cols,
+                           UPCAST: tl.constexpr, BLOCK: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)  # k * rows + row
+    row = plane % rows
+    cols_ = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols_ < cols
+    offs = plane * cols + cols_
+    w = _load(go_ptr, row, True, UPCAST) / K
+    ty = d_v_ptr.dtype.element_ty
+    tl.store(d_v_ptr + offs, (w * _load(jv_ptr, offs, mask, UPCAST)).to(ty), mask=mask)
+    tl.store(d_jv_ptr + offs, (w * _load(v_ptr, offs, mask, UPCAST)).to(ty), mask=mask)
+
+
+def _upcast(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16)
+
+
+def fpe_combine_forward(dts, second, jc, s, g2, f) -> torch.Tensor:
+    rows, cols = dts.shape
+    out = torch.empty_like(dts)
+    block = _block(cols)
+    _combine_fwd_kernel[(rows, triton.cdiv(cols, block))](
+        dts, second, jc, s, g2, f, out, cols, UPCAST=_upcast(dts), BLOCK=block)
+    return out
+
+
+def fpe_combine_backward(go, second, s, g2, f):
+    rows, cols = go.shape
+    d_dts, d_second, d_jc, d_s = (torch.empty_like(go) for _ in range(4))
+    d_g2, d_f = torch.empty_like(g2), torch.empty_like(f)
+    block = min(_block(cols), 1024)
+    _combine_bwd_kernel[(rows,)](go, second, s, g2, f, d_dts, d_second, d_jc, d_s, d_g2, d_f,
+                                 cols, UPCAST=_upcast(go), BLOCK=block)
+    return d_dts, d_second, d_jc, d_s, d_g2, d_f
+
+
+def hutchinson_forward(v, jv) -> torch.Tensor:
+    K, rows, cols = v.shape
+    out = torch.empty(rows, dtype=v.dtype, device=v.device)
+    block = min(_block(cols), 1024)
+    _hutchinson_fwd_kernel[(rows,)](v, jv, out, K, rows, cols, UPCAST=_upcast(v), BLOCK=block)
+    return out
+
+
+def hutchinson_backward(go, v, jv):
+    K, rows, cols = v.shape
+    d_v, d_jv = torch.empty_like(v), torch.empty_like(jv)
+    block = _block(cols)
+    _hutchinson_bwd_kernel[(K * rows, triton.cdiv(cols, block))](
+        go, v, jv, d_v, d_jv, K, rows, cols, UPCAST=_upcast(v), BLOCK=block)
+    return d_v, d_jv

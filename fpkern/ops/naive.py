@@ -1,0 +1,97 @@
+"""method="naive": the paper's own algorithm (MATH.md section 5), the benchmarks' baseline.
+
+Reverse-mode autograd nested the way FP-Diffusion's reference code nests it:
+  - Hutchinson divergence through a VJP with create_graph (one pass per probe),
+  - grad_x of the scalar 1/2 g^2 (div s + |s|^2) - f <x, s> by a double backward,
+  - d_t s by the 3-point stencil with hs = 1e-3, hd = 5e-4 (three more forwards).
+The laplacian form, which the paper does not have, is built from the same tools: J c and
+the second directional derivatives by the double-VJP trick (a JVP out of two VJPs).
+
+One change from the reference code: the stencil never leaves [0, T]. Its nodes
+(t - hs, t, t + hd) are shifted by the same amount until all lie inside [0, T] (forward
+near t = 0, backward near T), and d_t s at t is read off the quadratic through them (Lagrange
+weights from the offsets actually used). This keeps the estimate second-order accurate and
+finite where the original takes log(alpha) of a negative time and returns NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fpkern.ops._common import bcast, sde_coefficients
+
+__all__ = ["HS", "HD", "time_derivative_stencil", "residual", "divergence", "laplacian"]
+
+HS = 1e-3
+HD = 5e-4
+
+
+def stencil_nodes(t: torch.Tensor, T: float) -> torch.Tensor:
+    """The three stencil times per sample, shape [3, B], all inside [0, T]."""
+    shift = (HS - t).clamp(min=0) - (t + HD - T).clamp(min=0)
+    base = torch.tensor([-HS, 0.0, HD], dtype=t.dtype, device=t.device)
+    return (t + shift)[None, :] + base[:, None]
+
+
+def _lagrange_derivative_weights(d: torch.Tensor) -> torch.Tensor:
+    """Weights w_i with p'(0) = sum_i w_i p(d_i) for the quadratic through offsets d [3, B]."""
+    d0, d1, d2 = d
+    return torch.stack([-(d1 + d2) / ((d0 - d1) * (d0 - d2)),
+                        -(d0 + d2) / ((d1 - d0) * (d1 - d2)),
+                        -(d0 + d1) / ((d2 - d0) * (d2 - d1))])
+
+
+def time_derivative_stencil(score_fn, x: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
+    """d_t s by the paper's 3-point stencil, kept inside [0, T]; shape of x."""
+    nodes = stencil_nodes(t, T)
+    # weights from the offsets as evaluated (after rounding to t's dtype), in float64
+    w = _lagrange_derivative_weights(nodes.double() - t.double()[None, :]).to(x.dtype)
+    out = 0
+    for i in range(3):
+        out = out + bcast(w[i], x) * score_fn(x, nodes[i])
+    return out
+
+
+def _jvp_by_double_vjp(out: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(d out / d x) v with reverse mode only: the gradient of <J^T w, v> in w."""
+    w = torch.zeros_like(out, requires_grad=True)
+    (jtw,) = torch.autograd.grad(out, x, w, create_graph=True)
+    (jv,) = torch.autograd.grad(jtw, w, v, create_graph=True)
+    return jv
+
+
+def divergence(s: torch.Tensor, x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """Hutchinson divergence 1/K sum_k v_k . (v_k^T J) through VJPs, shape [B]."""
+    total = 0
+    for v in probes:
+        (vjp,) = torch.autograd.grad(s, x, v, create_graph=True)
+        total = total + (vjp * v).flatten(1).sum(1)
+    return total / probes.shape[0]
+
+
+def laplacian(s: torch.Tensor, x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """Hutchinson Laplacian 1/K sum_k D^2_{v_k} s by nested double-VJPs, shape of x."""
+    total = 0
+    for v in probes:
+        jv = _jvp_by_double_vjp(s, x, v)
+        total = total + _jvp_by_double_vjp(jv, x, v)
+    return total / probes.shape[0]
+
+
+def residual(score_fn, x, t, sde, form: str, probes: torch.Tensor) -> torch.Tensor:
+    from fpkern.ops.combine import fpe_combine
+
+    xg = x.detach().requires_grad_(True)   # a new leaf: the caller's x is left alone
+    s = score_fn(xg, t)
+    f, g2 = sde_coefficients(sde, t, x)
+    dts = time_derivative_stencil(score_fn, x.detach(), t, sde.T)
+    if form == "div":
+        div = divergence(s, xg, probes)
+        xs = (xg * s).flatten(1).sum(1)
+        h = 0.5 * g2 * (div + s.pow(2).flatten(1).sum(1)) - f * xs
+        (grad_h,) = torch.autograd.grad(h.sum(), xg, create_graph=True)
+        return dts - grad_h
+    c = bcast(g2, x) * s - bcast(f, x) * xg
+    jc = _jvp_by_double_vjp(s, xg, c)
+    lap = laplacian(s, xg, probes)
+    return fpe_combine(dts, lap, jc, s, g2, f)
