@@ -156,13 +156,13 @@ class VESDE(LinearSDE):
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
 
     def f(self, t):
-        return torch.zeros_like(t)
+        return 0.0 * t   # keeps t's graph, so derivatives in t are defined (and zero)
 
     def g2(self, t):
         return 2 * self._log_ratio * self.sigma(t) ** 2
 
     def log_alpha(self, t):
-        return torch.zeros_like(t)
+        return 0.0 * t
 
     def sigma(self, t):
         return self.sigma_min * torch.exp(t * self._log_ratio)

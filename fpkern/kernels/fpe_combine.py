@@ -2,7 +2,7 @@
 
 Launchers take contiguous (rows, cols) views (probe stacks as (K, rows, cols)) and allocate
 their outputs; the autograd ops that call them live in fpkern/ops/combine.py. Arithmetic runs
-in float32 for 16-bit inputs and in the input precision otherwise.
+in float32 (float64 for float64 inputs); row sums accumulate per lane, then reduce.
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ def _load(ptr, offs, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _acc_zeros(BLOCK: tl.constexpr, FP64: tl.constexpr):
+    if FP64:
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def _combine_fwd_kernel(dts_ptr, second_ptr, jc_ptr, s_ptr, g2_ptr, f_ptr, out_ptr, cols,
                         UPCAST: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -43,12 +52,12 @@ def _combine_fwd_kernel(dts_ptr, second_ptr, jc_ptr, s_ptr, g2_ptr, f_ptr, out_p
 @triton.jit
 def _combine_bwd_kernel(go_ptr, second_ptr, s_ptr, g2_ptr, f_ptr, d_dts_ptr, d_second_ptr,
                         d_jc_ptr, d_s_ptr, d_g2_ptr, d_f_ptr, cols,
-                        UPCAST: tl.constexpr, BLOCK: tl.constexpr):
+                        UPCAST: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     half_g2 = 0.5 * _load(g2_ptr, row, True, UPCAST)
     f = _load(f_ptr, row, True, UPCAST)
-    acc_g2 = tl.zeros([BLOCK], dtype=tl.float64)
-    acc_f = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_g2 = _acc_zeros(BLOCK, FP64)
+    acc_f = _acc_zeros(BLOCK, FP64)
     for start in range(0, cols, BLOCK):
         cols_ = start + tl.arange(0, BLOCK)
         mask = cols_ < cols
@@ -59,17 +68,17 @@ def _combine_bwd_kernel(go_ptr, second_ptr, s_ptr, g2_ptr, f_ptr, d_dts_ptr, d_s
         tl.store(d_second_ptr + offs, (-half_g2 * g).to(ty), mask=mask)
         tl.store(d_jc_ptr + offs, (-g).to(ty), mask=mask)
         tl.store(d_s_ptr + offs, (f * g).to(ty), mask=mask)
-        acc_g2 += (_load(second_ptr, offs, mask, UPCAST) * g).to(tl.float64)
-        acc_f += (_load(s_ptr, offs, mask, UPCAST) * g).to(tl.float64)
+        acc_g2 += _load(second_ptr, offs, mask, UPCAST) * g
+        acc_f += _load(s_ptr, offs, mask, UPCAST) * g
     tl.store(d_g2_ptr + row, (-0.5 * tl.sum(acc_g2, axis=0)).to(d_g2_ptr.dtype.element_ty))
     tl.store(d_f_ptr + row, tl.sum(acc_f, axis=0).to(d_f_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _hutchinson_fwd_kernel(v_ptr, jv_ptr, out_ptr, K, rows, cols,
-                           UPCAST: tl.constexpr, BLOCK: tl.constexpr):
+                           UPCAST: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    acc = _acc_zeros(BLOCK, FP64)
     for k in range(0, K):
         base = (k * rows + row) * cols
         for start in range(0, cols, BLOCK):
@@ -77,7 +86,7 @@ def _hutchinson_fwd_kernel(v_ptr, jv_ptr, out_ptr, K, rows, cols,
             mask = cols_ < cols
             v = _load(v_ptr, base + cols_, mask, UPCAST)
             jv = _load(jv_ptr, base + cols_, mask, UPCAST)
-            acc += (v * jv).to(tl.float64)
+            acc += v * jv
     tl.store(out_ptr + row, (tl.sum(acc, axis=0) / K).to(out_ptr.dtype.element_ty))
 
 
@@ -114,7 +123,8 @@ def fpe_combine_backward(go, second, s, g2, f):
     d_g2, d_f = torch.empty_like(g2), torch.empty_like(f)
     block = min(_block(cols), 1024)
     _combine_bwd_kernel[(rows,)](go, second, s, g2, f, d_dts, d_second, d_jc, d_s, d_g2, d_f,
-                                 cols, UPCAST=_upcast(go), BLOCK=block)
+                                 cols, UPCAST=_upcast(go), FP64=go.dtype == torch.float64,
+                                 BLOCK=block)
     return d_dts, d_second, d_jc, d_s, d_g2, d_f
 
 
@@ -122,7 +132,8 @@ def hutchinson_forward(v, jv) -> torch.Tensor:
     K, rows, cols = v.shape
     out = torch.empty(rows, dtype=v.dtype, device=v.device)
     block = min(_block(cols), 1024)
-    _hutchinson_fwd_kernel[(rows,)](v, jv, out, K, rows, cols, UPCAST=_upcast(v), BLOCK=block)
+    _hutchinson_fwd_kernel[(rows,)](v, jv, out, K, rows, cols, UPCAST=_upcast(v),
+                                    FP64=v.dtype == torch.float64, BLOCK=block)
     return out
 
 

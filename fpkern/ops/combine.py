@@ -198,12 +198,13 @@ _hutchinson_op.register_autograd(_hutchinson_backward, setup_context=_hutchinson
 
 
 # ---- public functions ------------------------------------------------------------------
-def _check_same(name, x, ref_name, ref):
+def _check_like(name, x, ref_name, ref):
+    """x must be a floating tensor with ref's shape, dtype and device."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{name} must be a floating torch.Tensor")
     if x.shape != ref.shape:
-        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {ref_name}'s "
-                         f"{tuple(ref.shape)}")
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(ref.shape)} "
+                         f"like {ref_name}")
     if x.dtype != ref.dtype or x.device != ref.device:
         raise ValueError(f"{name} is {x.dtype} on {x.device}, expected {ref.dtype} on "
                          f"{ref.device} like {ref_name}")
@@ -218,16 +219,16 @@ def fpe_combine(dts: torch.Tensor, second: torch.Tensor, jc: torch.Tensor, s: to
     if not isinstance(dts, torch.Tensor) or not dts.is_floating_point() or dts.dim() < 2:
         raise TypeError("dts must be a floating torch.Tensor of shape [B, ...]")
     for name, x in (("second", second), ("jc", jc), ("s", s)):
-        _check_same(name, x, "dts", dts)
-    ref = dts.new_empty(dts.shape[0])
+        _check_like(name, x, "dts", dts)
+    per_sample = dts.new_empty(dts.shape[0])
     for name, x in (("g2", g2), ("f", f)):
-        _check_same(name, x.to(dts.dtype) if isinstance(x, torch.Tensor) else x, "[B]", ref)
-    return _fpe_combine_op(dts, second, jc, s, g2.to(dts.dtype), f.to(dts.dtype))
+        _check_like(name, x, "a [B] coefficient", per_sample)
+    return _fpe_combine_op(dts, second, jc, s, g2, f)
 
 
 def hutchinson_reduce(v: torch.Tensor, jv: torch.Tensor) -> torch.Tensor:
     """1/K sum_k <v_k, jv_k> per sample: v, jv of shape [K, B, ...] -> [B]."""
     if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() < 3:
         raise TypeError("v must be a floating torch.Tensor of shape [K, B, ...]")
-    _check_same("jv", jv, "v", v)
+    _check_like("jv", jv, "v", v)
     return _hutchinson_op(v, jv)

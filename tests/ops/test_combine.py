@@ -1,0 +1,135 @@
+"""The fused combine and Hutchinson ops: every backend against the torch reference."""
+
+import pytest
+import torch
+
+from fpkern import backend
+from fpkern.ops import fpe_combine, fpe_combine_ref, hutchinson_reduce, hutchinson_reduce_ref
+
+SHAPES = [(1, 1), (5, 123), (3, 2, 7, 9), (4, 4097)]
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}
+
+
+def _backends():
+    out = ["torch", "cpp"]
+    if backend.available("triton", "cuda" if torch.cuda.is_available() else "cpu"):
+        out.append("triton")
+    return out
+
+
+def _device(name):
+    return "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def _combine_inputs(shape, dtype, device, gen):
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device, dtype)  # noqa: E731
+    return [mk(*shape) for _ in range(4)] + [mk(shape[0]).abs(), mk(shape[0])]
+
+
+def _assert_close(got, want, tol, what):
+    assert got.shape == want.shape and got.dtype == want.dtype, what
+    err = (got.double() - want.double()).abs()
+    bound = tol * (1 + want.double().abs())
+    if (err > bound).any():
+        i = tuple((err > bound).nonzero()[0].tolist())
+        raise AssertionError(f"{what}: first mismatch at {i}: {got[i].item()!r} vs {want[i].item()!r}")
+
+
+def test_cpp_extension_is_built():
+    lib = backend.native()
+    assert lib is not None, "fpkern._C was not built: run `make setup`"
+    assert hasattr(lib, "fpe_combine_forward") and hasattr(lib, "hutchinson_forward")
+
+
+def test_triton_runs_here():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert backend.available("triton", device), "triton must run (interpreted on CPU)"
+
+
+@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_combine_forward_and_backward_match_reference(name, shape, dtype, gen):
+    args = _combine_inputs(shape, dtype, _device(name), gen)
+    a1 = [a.clone().requires_grad_() for a in args]
+    a2 = [a.clone().requires_grad_() for a in args]
+    with backend.use_backend(name):
+        out = fpe_combine(*a1)
+    ref = fpe_combine_ref(*a2)
+    _assert_close(out, ref, TOL[dtype], f"{name} forward")
+    go = torch.randn(shape, generator=gen, dtype=torch.float64).to(out)
+    with backend.use_backend(name):
+        grads = torch.autograd.grad(out, a1, go)
+    want = torch.autograd.grad(ref, a2, go)
+    for i, (g, w) in enumerate(zip(grads, want)):
+        _assert_close(g, w, TOL[dtype] * (shape[-1] ** 0.5 if i >= 4 else 1), f"{name} grad {i}")
+
+
+@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("K, shape", [(1, (1, 1)), (3, (5, 123)), (2, (3, 2, 5, 5)), (4, (2, 3000))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_hutchinson_forward_and_backward_match_reference(name, K, shape, dtype, gen):
+    dev = _device(name)
+    v = torch.randn((K,) + shape, generator=gen, dtype=torch.float64).to(dev, dtype)
+    jv = torch.randn((K,) + shape, generator=gen, dtype=torch.float64).to(dev, dtype)
+    v1, jv1 = v.clone().requires_grad_(), jv.clone().requires_grad_()
+    v2, jv2 = v.clone().requires_grad_(), jv.clone().requires_grad_()
+    with backend.use_backend(name):
+        out = hutchinson_reduce(v1, jv1)
+    ref = hutchinson_reduce_ref(v2, jv2)
+    n = v[0, 0].numel()
+    _assert_close(out, ref, TOL[dtype] * n ** 0.5, f"{name} forward")
+    go = torch.randn(shape[0], generator=gen, dtype=torch.float64).to(out)
+    with backend.use_backend(name):
+        grads = torch.autograd.grad(out, (v1, jv1), go)
+    want = torch.autograd.grad(ref, (v2, jv2), go)
+    for g, w in zip(grads, want):
+        _assert_close(g, w, TOL[dtype], f"{name} backward")
+
+
+def test_reference_is_the_defining_formula(gen):
+    dts, second, jc, s, g2, f = _combine_inputs((3, 4), torch.float64, "cpu", gen)
+    want = dts - 0.5 * g2[:, None] * second - jc + f[:, None] * s
+    assert torch.equal(fpe_combine_ref(dts, second, jc, s, g2, f), want)
+    v = torch.randn(2, 3, 4, dtype=torch.float64, generator=gen)
+    jv = torch.randn(2, 3, 4, dtype=torch.float64, generator=gen)
+    want = torch.stack([(v[:, b] * jv[:, b]).sum() / 2 for b in range(3)])
+    assert torch.allclose(hutchinson_reduce_ref(v, jv), want, rtol=1e-14)
+
+
+@pytest.mark.parametrize("name", _backends())
+def test_gradcheck(name, gen):
+    dev = _device(name)
+    args = [a.requires_grad_() for a in _combine_inputs((3, 5), torch.float64, dev, gen)]
+    v = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen).to(dev).requires_grad_()
+    jv = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen).to(dev).requires_grad_()
+    with backend.use_backend(name):
+        assert torch.autograd.gradcheck(fpe_combine, args)
+        assert torch.autograd.gradcheck(hutchinson_reduce, (v, jv))
+
+
+@pytest.mark.parametrize("name", ["torch", "cpp"])
+def test_opcheck_registration(name, gen):
+    args = _combine_inputs((3, 5), torch.float64, "cpu", gen)
+    v = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen)
+    with backend.use_backend(name):
+        torch.library.opcheck(torch.ops.fpkern.fpe_combine.default, args)
+        torch.library.opcheck(torch.ops.fpkern.hutchinson_reduce.default, (v, v.clone()))
+
+
+def test_torch_compile_accepts_the_ops(gen):
+    args = _combine_inputs((3, 5), torch.float32, "cpu", gen)
+    fn = torch.compile(lambda *a: fpe_combine(*a).pow(2).sum(), backend="eager", fullgraph=True)
+    assert torch.allclose(fn(*args), fpe_combine_ref(*args).pow(2).sum())
+
+
+def test_bad_inputs_are_named(gen):
+    dts, second, jc, s, g2, f = _combine_inputs((3, 4), torch.float64, "cpu", gen)
+    with pytest.raises(ValueError, match="second has shape"):
+        fpe_combine(dts, second[:, :3], jc, s, g2, f)
+    with pytest.raises(ValueError, match="g2 has shape"):
+        fpe_combine(dts, second, jc, s, g2[:2], f)
+    with pytest.raises(ValueError, match="s is torch.float32"):
+        fpe_combine(dts, second, jc, s.float(), g2, f)
+    with pytest.raises(TypeError, match="v must be a floating"):
+        hutchinson_reduce(torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3))
