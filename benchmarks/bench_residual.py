@@ -1,0 +1,104 @@
+"""Speed and memory of the FPE residual loss: the paper's algorithm ("naive") against fpkern.
+
+Providers: naive (MATH.md 5: nested reverse mode, 3-point time stencil), fused (fpkern's
+method="fused"). Modes: "fwd" (the loss |r|^2), "fwdbwd" (the loss and its parameter
+gradient) and "train_step" (DSM + 0.15 FP loss, backward; against a plain DSM step).
+Cases: MLP score networks for D = 2 and 64, and the small NCSN++ preset.
+Run: `pytest benchmarks/ --benchmark-only [--bench-json PATH]`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.conftest import device
+from fpkern.models import MLP, ScoreFn, from_preset, get_config, sde_from_config
+from fpkern.ops import fpe_residual
+from fpkern.sde import VPSDE
+
+
+def _case(name: str):
+    torch.manual_seed(0)
+    dev = device()
+    if name.startswith("mlp"):
+        D = int(name[3:])
+        sde = VPSDE()
+        net = ScoreFn(MLP(D, width=256, depth=3), sde)
+        batch = 128
+        shape = (D,)
+    else:
+        cfg = get_config("small/ncsnpp")
+        sde = sde_from_config(cfg)
+        net = ScoreFn(from_preset("small/ncsnpp"), sde)
+        batch = 8 if dev.type == "cpu" else 64
+        shape = tuple(net.input_shape)
+    net = net.to(dev)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x0 = torch.randn((batch,) + shape, generator=g).to(dev)
+    t = (torch.rand(batch, generator=g) * (1 - 1e-3) + 1e-3).to(dev)
+    mean, std = sde.marginal_prob(x0, t)
+    z = torch.randn(x0.shape, generator=g).to(dev)
+    x = mean + std.reshape((-1,) + (1,) * len(shape)) * z
+    return net, sde, x, t, z
+
+
+def _fp_loss(net, sde, x, t, provider, form, K):
+    V = torch.randn((K,) + x.shape, device=x.device, generator=None)
+    r = fpe_residual(net, x, t, sde, form=form, method=provider, probes=V)
+    D = x[0].numel()
+    return (sde.g2(t) * r.flatten(1).pow(2).sum(1)).mean() / D ** 2
+
+
+def _dsm_loss(net, sde, x, t, z):
+    std = sde.sigma(t).reshape((-1,) + (1,) * (x.dim() - 1))
+    s = net(x, t)
+    return (sde.g2(t) * (s + z / std).flatten(1).pow(2).mean(1)).mean()
+
+
+def _sync():
+    if device().type == "cuda":
+        torch.cuda.synchronize()
+
+
+CASES = ["mlp2", "mlp64", "ncsnpp_small"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("form", ["div", "laplacian"])
+@pytest.mark.parametrize("K", [1, 4])
+@pytest.mark.parametrize("provider", ["naive", "fused"])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_fp_loss(record, case, form, K, provider, mode):
+    if case == "ncsnpp_small" and K == 4 and device().type == "cpu":
+        pytest.skip("K=4 on the conv net is a GPU case")
+    net, sde, x, t, _ = _case(case)
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def run():
+        loss = _fp_loss(net, sde, x, t, provider, form, K)
+        if mode == "fwdbwd":
+            torch.autograd.grad(loss, params)
+        _sync()
+
+    record(f"{case}/{form}/K{K}", provider, mode, run,
+           rounds=3 if case == "ncsnpp_small" else 5)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("provider", ["dsm", "naive", "fused"])
+def test_train_step(record, case, provider):
+    net, sde, x, t, z = _case(case)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-5)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = _dsm_loss(net, sde, x, t, z)
+        if provider != "dsm":
+            loss = loss + 0.15 * _fp_loss(net, sde, x, t, provider, "div", 1)
+        loss.backward()
+        opt.step()
+        _sync()
+
+    record(f"{case}/div/K1", provider, "train_step", run,
+           rounds=3 if case == "ncsnpp_small" else 5)

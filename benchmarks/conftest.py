@@ -1,0 +1,135 @@
+"""Benchmark plumbing: case builders, peak-memory measurement and the ratio summary.
+
+Every benchmark records (case, provider, mode) -> median seconds and peak bytes in RESULTS;
+the terminal summary prints the ratios the engine issue tracks, and
+`--bench-json PATH` writes everything as data with the command, device and commit.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+RESULTS: list[dict] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-json", default=None, help="write the results as JSON to this path")
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class PeakMemory:
+    """Peak memory of a call: the CUDA allocator's peak on GPU; on CPU the bytes that
+    autograd keeps alive for backward (saved tensors, deduplicated), which is what the
+    naive method's nested graphs inflate."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def __call__(self, fn):
+        if device().type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - base
+            return
+        seen: dict[tuple, int] = {}
+
+        def pack(t):
+            try:
+                key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                seen[key] = t.untyped_storage().nbytes()
+            except (RuntimeError, NotImplementedError):
+                seen[(id(t), 0)] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        self.peak = sum(seen.values())
+
+
+@pytest.fixture
+def record(benchmark, request):
+    def _record(case: str, provider: str, mode: str, fn, **extra):
+        mem = PeakMemory()
+        mem(fn)
+        benchmark.extra_info.update(case=case, provider=provider, mode=mode, peak_bytes=mem.peak,
+                                    **extra)
+        benchmark.pedantic(fn, rounds=extra.pop("rounds", 5), iterations=1, warmup_rounds=1)
+        RESULTS.append(dict(case=case, provider=provider, mode=mode, peak_bytes=mem.peak,
+                            median_s=benchmark.stats.stats.median, **extra))
+    return _record
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _ratios():
+    by = {(r["case"], r["provider"], r["mode"]): r for r in RESULTS}
+    rows = []
+    for (case, prov, mode), r in sorted(by.items()):
+        if prov != "naive":
+            continue
+        for other in ("fused", "torch.func"):
+            o = by.get((case, other, mode))
+            if o:
+                rows.append((case, mode, other, r["median_s"] / o["median_s"],
+                             o["peak_bytes"] / max(r["peak_bytes"], 1)))
+    steps = []
+    for (case, prov, mode), r in sorted(by.items()):
+        if mode == "train_step" and prov != "dsm":
+            d = by.get((case, "dsm", "train_step"))
+            if d:
+                steps.append((case, prov, r["median_s"] / d["median_s"]))
+    return rows, steps
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not RESULTS:
+        return
+    rows, steps = _ratios()
+    tr = terminalreporter
+    tr.section("fpkern ratios")
+    tr.write_line(f"device: {_device_name()}   commit: {_commit()}")
+    tr.write_line(f"{'case':<34}{'mode':<12}{'provider':<12}{'speed-up vs naive':>18}"
+                  f"{'memory / naive':>16}")
+    for case, mode, prov, speed, mem in rows:
+        tr.write_line(f"{case:<34}{mode:<12}{prov:<12}{speed:>17.2f}x{mem:>16.2f}")
+    if steps:
+        tr.write_line("")
+        tr.write_line(f"{'case':<34}{'provider':<12}{'train step / DSM step':>22}")
+        for case, prov, ratio in steps:
+            tr.write_line(f"{case:<34}{prov:<12}{ratio:>21.2f}x")
+    path = config.getoption("--bench-json")
+    if path:
+        with open(path, "w") as fh:
+            json.dump(dict(command=" ".join(sys.argv), device=_device_name(), commit=_commit(),
+                           torch=torch.__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           results=RESULTS,
+                           ratios=[dict(case=c, mode=m, provider=p, speedup=s, memory_ratio=mm)
+                                   for c, m, p, s, mm in rows],
+                           train_step_over_dsm=[dict(case=c, provider=p, ratio=x)
+                                                for c, p, x in steps]), fh, indent=1)
+        tr.write_line(f"results written to {path}")
