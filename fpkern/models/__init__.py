@@ -1,0 +1,21 @@
+"""Score networks faithful to Score SDE (NCSN++, DDPM++, DDPM), an MLP for vector data,
+the ScoreFn wrapper that owns every label/output convention, presets and checkpoints.
+
+    net = from_preset("ve/cifar10_ncsnpp_continuous")        # raw net(x, labels)
+    score = ScoreFn(net, sde_from_config(get_config(...)))    # score(x, t)
+"""
+
+from fpkern.models.checkpoint import (CheckpointMismatchError, load_score_sde_checkpoint,
+                                      save_score_sde_checkpoint)
+from fpkern.models.ddpm import DDPM
+from fpkern.models.mlp import MLP
+from fpkern.models.ncsnpp import DDPMpp, NCSNpp
+from fpkern.models.presets import (MODELS, PRESETS, from_preset, from_score_sde_config,
+                                   get_config, sde_from_config)
+from fpkern.models.score import ScoreFn
+
+__all__ = [
+    "NCSNpp", "DDPMpp", "DDPM", "MLP", "ScoreFn", "MODELS", "PRESETS", "get_config",
+    "from_preset", "from_score_sde_config", "sde_from_config", "load_score_sde_checkpoint",
+    "save_score_sde_checkpoint", "CheckpointMismatchError",
+]
