@@ -17,12 +17,32 @@ from __future__ import annotations
 
 import torch
 
-from fpkern.ops import exact, forward_mode, naive
+import logging
+
+from fpkern.jet import JetUnsupported
+from fpkern.ops import exact, forward_mode, fused, naive
 from fpkern.ops._common import check_inputs
 from fpkern.ops.combine import hutchinson_reduce
 from fpkern.ops.probes import resolve_probes
 
-__all__ = ["FORMS", "METHODS", "fpe_residual", "hutchinson_divergence", "laplacian"]
+__all__ = ["FORMS", "METHODS", "fpe_residual", "projected_residual", "hutchinson_divergence",
+           "laplacian"]
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _with_jets(jet_fn, generic_fn, score_fn):
+    """Run the Taylor-mode jet path; fall back to the generic torch.func path when the
+    score function uses an op without a jet rule (logged once per kind of score_fn)."""
+    try:
+        return jet_fn()
+    except JetUnsupported as exc:
+        key = type(score_fn).__qualname__
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("fused: %s; using the generic torch.func path (slower)", exc)
+        return generic_fn()
 
 FORMS = ("div", "laplacian")
 
@@ -38,7 +58,9 @@ def _naive(score_fn, x, t, sde, form, probes):
 
 def _fused(score_fn, x, t, sde, form, probes):
     with torch.enable_grad():
-        return forward_mode.residual(score_fn, x, t, sde, form, probes)
+        return _with_jets(lambda: fused.residual(score_fn, x, t, sde, form, probes),
+                          lambda: forward_mode.residual(score_fn, x, t, sde, form, probes),
+                          score_fn)
 
 
 METHODS = {"exact": _exact, "naive": _naive, "fused": _fused}
@@ -65,7 +87,13 @@ def hutchinson_divergence(score_fn, x: torch.Tensor, t: torch.Tensor, *, probes=
     """1/K sum_k v_k . (J v_k) per sample, shape [B] (MATH.md 3)."""
     check_inputs(score_fn, x, t)
     V = resolve_probes(probes, x, probe_dist, generator)
-    _, jv = forward_mode.directional(score_fn, x, t, V)
+
+    def jets():
+        K = V.shape[0]
+        rows = fused.jet_pass(score_fn, x, t, V, time=False, layout=fused.Layout(n1=K))
+        return rows[1:]
+
+    jv = _with_jets(jets, lambda: forward_mode.directional(score_fn, x, t, V)[1], score_fn)
     return hutchinson_reduce(V, jv)
 
 
@@ -75,5 +103,34 @@ def laplacian(score_fn, x: torch.Tensor, t: torch.Tensor, *, probes=1,
     """1/K sum_k D^2_{v_k} s, the Hutchinson Laplacian of each score component (MATH.md 3)."""
     check_inputs(score_fn, x, t)
     V = resolve_probes(probes, x, probe_dist, generator)
-    _, d2 = forward_mode.second_directional(score_fn, x, t, V)
-    return d2.mean(0)
+
+    def jets():
+        K = V.shape[0]
+        layout = fused.Layout(n1=K, collapse=tuple(range(1, K + 1)))
+        return fused.jet_pass(score_fn, x, t, V, time=False, layout=layout)[-1]
+
+    return _with_jets(jets, lambda: forward_mode.second_directional(score_fn, x, t, V)[1].mean(0),
+                      score_fn)
+
+
+def projected_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, directions=1,
+                       probes=1, probe_dist: str = "rademacher",
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """u . r per sample, shape [B]: the div-form residual along a direction u per sample.
+
+    `directions` is a tensor of x's shape (one u per sample) or 1 to draw Rademacher ones;
+    `probes` are the Hutchinson probes of the divergence, as in fpe_residual. Forward mode
+    only: E_u (u . r)^2 = |r|^2, so (u . r)^2 is an unbiased estimate of the div-form loss
+    that needs no reverse pass through the network's derivatives.
+    """
+    check_inputs(score_fn, x, t, sde)
+    V = resolve_probes(probes, x, probe_dist, generator)
+    if isinstance(directions, torch.Tensor):
+        if directions.shape != x.shape:
+            raise ValueError(f"directions must have x's shape {tuple(x.shape)}, got "
+                             f"{tuple(directions.shape)}")
+        U = directions.to(x)
+    else:
+        U = resolve_probes(directions, x, "rademacher", generator)[0]
+    with torch.enable_grad():
+        return fused.projected_residual(score_fn, x, t, sde, U, V)

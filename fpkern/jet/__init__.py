@@ -1,0 +1,5 @@
+"""Collapsed Taylor-mode jets: run a score network once on stacked derivative rows."""
+
+from fpkern.jet.tensor import Jet, JetUnsupported, Layout
+
+__all__ = ["Jet", "JetUnsupported", "Layout"]

@@ -1,0 +1,553 @@
+"""Jet rules: how each torch function maps the rows of its Jet inputs (see fpkern.jet.tensor).
+
+Four kinds of rule cover the score networks of fpkern.models:
+  - linear maps (reshape, sums, convolutions without bias, einsum with one Jet ...): every
+    row maps the same way; per-sample ops fold the R rows into the batch (one GEMM);
+  - affine pieces (additive constants, biases, cat with constant parts): only the value
+    row receives the constant;
+  - elementwise nonlinearities phi: value phi(x0), first order phi'(x0) x_i, second order
+    phi'(x0) x_ab + phi''(x0) x_a x_b (collapsed: phi''(x0) mean_k x_k^2);
+  - bilinear products p * q, einsum, matmul of two Jets: the Leibniz rule up to order 2.
+Composite layers (GroupNorm, softmax, var_mean, division) are expanded into those.
+Anything else raises JetUnsupported naming the function, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from fpkern.jet.tensor import Jet, JetUnsupported, Layout
+
+__all__ = ["dispatch", "HANDLERS"]
+
+HANDLERS: dict = {}
+
+
+def _register(names, modules=(torch, torch.Tensor, F, torch.special)):
+    def deco(handler):
+        for name in names:
+            for mod in modules:
+                fn = getattr(mod, name, None)
+                if callable(fn) and not isinstance(fn, (torch.dtype, type)):
+                    HANDLERS[fn] = handler
+        return handler
+    return deco
+
+
+def _wrap(rows: torch.Tensor, layout: Layout) -> Jet:
+    return Jet(rows, layout)
+
+
+def _layout_of(objs) -> Layout:
+    layouts = {o.layout for o in objs if isinstance(o, Jet)}
+    if len(layouts) != 1:
+        raise JetUnsupported(f"Jets with different layouts meet in one op: {layouts}")
+    return layouts.pop()
+
+
+def _value(x):
+    return x.rows[0] if isinstance(x, Jet) else x
+
+
+def _lift(c, layout: Layout, like: torch.Tensor) -> torch.Tensor:
+    """A constant as rows: (c, 0, 0, ...), on the device of `like`."""
+    c = torch.as_tensor(c, device=like.device)
+    if not c.is_floating_point():
+        c = c.to(like.dtype)
+    return torch.cat([c[None], c.new_zeros((layout.rows - 1,) + tuple(c.shape))])
+
+
+def dispatch(func, args, kwargs):
+    handler = HANDLERS.get(func)
+    if handler is not None:
+        return handler(func, args, kwargs)
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__" or func in _VALUE_ONLY:
+        return _value_only(func, args, kwargs)
+    raise JetUnsupported(f"no jet rule for {name} ({func!r}); the fused path cannot run this "
+                         "score network and falls back to the generic one")
+
+
+# ---- value-only functions: metadata and predicates ----------------------------------
+_VALUE_ONLY = set()
+for _name in ("dim", "size", "numel", "element_size", "is_floating_point", "is_complex",
+              "is_contiguous", "isfinite", "isnan", "isinf", "eq", "ne", "lt", "le", "gt", "ge",
+              "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "all", "any",
+              "__bool__", "item", "tolist", "__len__", "__format__", "__repr__", "data_ptr",
+              "get_device", "is_nonzero", "untyped_storage", "stride", "storage_offset",
+              "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"):
+    for _mod in (torch, torch.Tensor):
+        _f = getattr(_mod, _name, None)
+        if _f is not None:
+            _VALUE_ONLY.add(_f)
+
+
+def _value_only(func, args, kwargs):
+    flat, spec = tree_flatten((args, kwargs))
+    flat = [_value(a) if isinstance(a, Jet) else a for a in flat]
+    a, k = tree_unflatten(flat, spec)
+    return func(*a, **k)
+
+
+@_register(["min", "max", "amin", "amax"])
+def _extremum(func, args, kwargs):
+    if len(args) > 1 or kwargs:
+        raise JetUnsupported(f"{func.__name__} over a dimension has no jet rule")
+    return _value_only(func, args, kwargs)   # a whole-tensor extremum: used for checks only
+
+
+# ---- linear maps --------------------------------------------------------------------
+def _linear(func, args, kwargs):
+    """Apply a map that is linear in its Jet arguments to every row (vmap over rows)."""
+    flat, spec = tree_flatten((args, kwargs))
+    pos = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
+    layout = _layout_of([flat[i] for i in pos])
+
+    def one(*rows):
+        f2 = list(flat)
+        for i, r in zip(pos, rows):
+            f2[i] = r
+        a, k = tree_unflatten(f2, spec)
+        return func(*a, **k)
+
+    out = torch.vmap(one)(*[flat[i].rows for i in pos])
+    if isinstance(out, (tuple, list)):
+        return type(out)(_wrap(o, layout) for o in out)
+    return _wrap(out, layout)
+
+
+_register(["reshape", "view", "permute", "transpose", "flatten", "unflatten", "unsqueeze",
+           "squeeze", "__getitem__", "contiguous", "clone", "expand", "expand_as", "repeat",
+           "narrow", "flip", "roll", "sum", "mean", "chunk", "split", "unbind", "movedim",
+           "swapaxes", "t", "neg", "__neg__", "negative", "diagonal", "trace", "cumsum",
+           "pixel_shuffle", "pixel_unshuffle", "tile", "squeeze_",
+           "float", "double", "half", "bfloat16", "type", "avg_pool2d",
+           "interpolate", "upsample", "adaptive_avg_pool2d", "positive", "real"])(_linear)
+
+
+@_register(["to", "type_as", "view_as", "reshape_as", "expand_as"])
+def _like(func, args, kwargs):
+    """Ops whose later arguments only lend a dtype, device or shape: those never carry rows."""
+    flat, spec = tree_flatten((args[1:], kwargs))
+    rest, kw = tree_unflatten([_value(a) if isinstance(a, Jet) else a for a in flat], spec)
+    if not isinstance(args[0], Jet):
+        return func(args[0], *rest, **kw)     # a constant converted like a Jet: still constant
+    return _linear(func, (args[0],) + tuple(rest), kw)
+
+
+@_register(["pad"])
+def _pad(func, args, kwargs):
+    mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+    value = kwargs.get("value", args[3] if len(args) > 3 else None)
+    if mode == "constant" and value not in (None, 0, 0.0):
+        raise JetUnsupported("F.pad with a non-zero constant has no jet rule")
+    return _linear(func, args, kwargs)
+
+
+def _fold(func, x: Jet, *rest, **kwargs) -> torch.Tensor:
+    """Per-sample op on all rows at once: rows [R, B, ...] folded into the batch."""
+    R = x.layout.rows
+    r = x.rows
+    out = func(r.reshape((R * r.shape[1],) + tuple(r.shape[2:])), *rest, **kwargs)
+    return out.reshape((R, r.shape[1]) + tuple(out.shape[1:]))
+
+
+def _add_bias(rows: torch.Tensor, bias, view) -> torch.Tensor:
+    if bias is None:
+        return rows
+    return torch.cat([(rows[0] + bias.reshape(view))[None], rows[1:]])
+
+
+def _pop(args, kwargs, index, name, default=None):
+    if name in kwargs:
+        return kwargs.pop(name), args
+    if len(args) > index:
+        return args[index], args[:index] + (None,) + args[index + 1:]
+    return default, args
+
+
+@_register(["conv2d", "conv1d", "conv_transpose2d", "conv_transpose1d"])
+def _conv(func, args, kwargs):
+    x, weight = args[0], args[1]
+    if isinstance(weight, Jet) or not isinstance(x, Jet):
+        raise JetUnsupported(f"{func.__name__} with a Jet weight has no jet rule")
+    kwargs = dict(kwargs)
+    bias, args = _pop(tuple(args), kwargs, 2, "bias")
+    out = _fold(func, x, weight, *args[2:], **kwargs)
+    spatial = out.dim() - 3
+    return _wrap(_add_bias(out, bias, (-1,) + (1,) * spatial), x.layout)
+
+
+@_register(["linear"])
+def _linear_layer(func, args, kwargs):
+    x, weight = args[0], args[1]
+    if isinstance(weight, Jet) or not isinstance(x, Jet):
+        raise JetUnsupported("linear with a Jet weight has no jet rule")
+    kwargs = dict(kwargs)
+    bias, _ = _pop(tuple(args), kwargs, 2, "bias")
+    out = F.linear(x.rows, weight)
+    return _wrap(_add_bias(out, bias, (-1,)), x.layout)
+
+
+@_register(["dropout"])
+def _dropout(func, args, kwargs):
+    x = args[0]
+    p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+    training = kwargs.get("training", args[2] if len(args) > 2 else True)
+    if not training or p == 0:
+        return x
+    mask = torch.bernoulli(torch.full_like(x.rows[0], 1 - p)) / (1 - p)
+    return _wrap(x.rows * mask, x.layout)   # one mask for all rows: the same network
+
+
+# ---- additive constants and sums of Jets ------------------------------------------------
+def _broadcast_rows(rows: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Rows of a lower-rank operand, viewed so they broadcast against per-sample rank ndim."""
+    return rows.reshape((rows.shape[0],) + (1,) * (ndim - rows.dim() + 1) + tuple(rows.shape[1:]))
+
+
+def _sum_rows(a, b, sign: float):
+    """a + sign * b where either may be a constant: constants join the value row only."""
+    layout = _layout_of([a, b])
+    like = (a if isinstance(a, Jet) else b).rows
+    A = a.rows if isinstance(a, Jet) else _lift(a, layout, like)
+    B = b.rows if isinstance(b, Jet) else _lift(b, layout, like)
+    nd = max(A.dim(), B.dim()) - 1
+    return _wrap(_broadcast_rows(A, nd) + sign * _broadcast_rows(B, nd), layout)
+
+
+@_register(["add", "__add__", "__iadd__"])
+def _add(func, args, kwargs):
+    a, b = args[0], args[1]
+    alpha = kwargs.get("alpha", 1)
+    return _sum_rows(a, b if alpha == 1 else b * alpha, 1.0)
+
+
+@_register(["__radd__"])
+def _radd(func, args, kwargs):
+    return _sum_rows(args[1], args[0], 1.0)
+
+
+@_register(["sub", "__sub__", "subtract", "__isub__"])
+def _sub(func, args, kwargs):
+    return _sum_rows(args[0], args[1], -1.0)
+
+
+@_register(["__rsub__", "rsub"])
+def _rsub(func, args, kwargs):
+    return _sum_rows(args[1], args[0], -1.0)
+
+
+@_register(["cat", "concat", "concatenate", "stack"])
+def _cat(func, args, kwargs):
+    seq = args[0]
+    layout = _layout_of(seq)
+    like = next(a for a in seq if isinstance(a, Jet)).rows
+    lifted = [a if isinstance(a, Jet) else _wrap(_lift(a, layout, like), layout) for a in seq]
+    return _linear(func, (lifted,) + tuple(args[1:]), kwargs)
+
+
+# ---- elementwise nonlinearities ----------------------------------------------------------
+def _elementwise(x: Jet, phi, d1, d2) -> Jet:
+    """phi applied to a Jet, given phi(x0), phi'(x0) and phi''(x0)."""
+    L, r = x.layout, x.rows
+    parts = [phi[None], d1 * r[1:]]
+    out = torch.cat(parts)
+    if L.pairs or L.collapse:
+        corr = []
+        for a, b in L.pairs:
+            corr.append(d2 * r[a] * r[b])
+        if L.collapse:
+            sq = torch.stack([r[k] * r[k] for k in L.collapse]).mean(0)
+            corr.append(d2 * sq)
+        second = out[L.second] + torch.stack(corr)
+        out = torch.cat([out[:L.second.start], second])
+    return _wrap(out, L)
+
+
+def _unary(derivs):
+    def handler(func, args, kwargs):
+        x = args[0]
+        phi, d1, d2 = derivs(x.rows[0], *args[1:], **kwargs)
+        return _elementwise(x, phi, d1, d2)
+    return handler
+
+
+def _silu(x, *a, **k):
+    s = torch.sigmoid(x)
+    return x * s, s * (1 + x * (1 - s)), s * (1 - s) * (2 + x * (1 - 2 * s))
+
+
+def _sigmoid(x, *a, **k):
+    s = torch.sigmoid(x)
+    return s, s * (1 - s), s * (1 - s) * (1 - 2 * s)
+
+
+def _tanh(x, *a, **k):
+    y = torch.tanh(x)
+    return y, 1 - y * y, -2 * y * (1 - y * y)
+
+
+def _exp(x, *a, **k):
+    y = torch.exp(x)
+    return y, y, y
+
+
+def _expm1(x, *a, **k):
+    y = torch.exp(x)
+    return torch.expm1(x), y, y
+
+
+def _log(x, *a, **k):
+    return torch.log(x), 1 / x, -1 / (x * x)
+
+
+def _log1p(x, *a, **k):
+    return torch.log1p(x), 1 / (1 + x), -1 / (1 + x) ** 2
+
+
+def _sin(x, *a, **k):
+    s, c = torch.sin(x), torch.cos(x)
+    return s, c, -s
+
+
+def _cos(x, *a, **k):
+    s, c = torch.sin(x), torch.cos(x)
+    return c, -s, -c
+
+
+def _sqrt(x, *a, **k):
+    y = torch.sqrt(x)
+    return y, 0.5 / y, -0.25 / (y * x)
+
+
+def _rsqrt(x, *a, **k):
+    y = torch.rsqrt(x)
+    return y, -0.5 * y / x, 0.75 * y / (x * x)
+
+
+def _reciprocal(x, *a, **k):
+    y = 1 / x
+    return y, -y * y, 2 * y * y * y
+
+
+def _relu(x, *a, **k):
+    return torch.relu(x), (x > 0).to(x.dtype), torch.zeros_like(x)
+
+
+def _leaky_relu(x, negative_slope=0.01, *a, **k):
+    slope = k.get("negative_slope", negative_slope)
+    pos = x > 0
+    return (F.leaky_relu(x, slope), torch.where(pos, torch.ones_like(x), torch.full_like(x, slope)),
+            torch.zeros_like(x))
+
+
+def _elu(x, alpha=1.0, *a, **k):
+    alpha = k.get("alpha", alpha)
+    pos = x > 0
+    e = alpha * torch.exp(torch.clamp(x, max=0))
+    return F.elu(x, alpha), torch.where(pos, torch.ones_like(x), e), torch.where(pos, 0.0 * x, e)
+
+
+def _softplus(x, beta=1.0, threshold=20.0, *a, **k):
+    if k.get("beta", beta) != 1:
+        raise JetUnsupported("softplus with beta != 1 has no jet rule")
+    s = torch.sigmoid(x)
+    return F.softplus(x), s, s * (1 - s)
+
+
+def _gelu(x, *a, **k):
+    if k.get("approximate", "none") != "none":
+        raise JetUnsupported("tanh-approximate gelu has no jet rule")
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return x * cdf, cdf + x * pdf, pdf * (2 - x * x)
+
+
+def _square(x, *a, **k):
+    return x * x, 2 * x, 2 * torch.ones_like(x)
+
+
+for _names, _fn in [(["silu"], _silu), (["sigmoid", "expit"], _sigmoid), (["tanh"], _tanh),
+                    (["exp"], _exp), (["expm1"], _expm1), (["log"], _log), (["log1p"], _log1p),
+                    (["sin"], _sin), (["cos"], _cos), (["sqrt"], _sqrt), (["rsqrt"], _rsqrt),
+                    (["reciprocal"], _reciprocal), (["relu"], _relu),
+                    (["leaky_relu"], _leaky_relu), (["elu"], _elu), (["softplus"], _softplus),
+                    (["gelu"], _gelu), (["square"], _square)]:
+    _register(_names)(_unary(_fn))
+
+
+@_register(["pow", "__pow__", "float_power"])
+def _pow(func, args, kwargs):
+    x, p = args[0], args[1]
+    if not isinstance(x, Jet) or isinstance(p, torch.Tensor):
+        raise JetUnsupported("pow with a tensor exponent has no jet rule")
+    v = x.rows[0]
+    if p == 2:
+        return _mul(None, (x, x), {})
+    return _elementwise(x, v ** p, p * v ** (p - 1), p * (p - 1) * v ** (p - 2))
+
+
+@_register(["__rpow__"])
+def _rpow(func, args, kwargs):
+    x, base = args[0], args[1]
+    return torch.exp(x * math.log(base))
+
+
+# ---- products --------------------------------------------------------------------------
+def _bilinear(op, p, q, layout: Layout) -> torch.Tensor:
+    """Rows of op(p, q) for op bilinear, p and q Jets (Leibniz rule to second order)."""
+    P, Q = p.rows, q.rows
+    v = op(P[0], Q[0])
+    first = [op(P[i], Q[0]) + op(P[0], Q[i]) for i in range(1, 1 + layout.n1)]
+    second = []
+    for j, (a, b) in enumerate(layout.pairs):
+        r = layout.pair_row(j)
+        second.append(op(P[r], Q[0]) + op(P[0], Q[r]) + op(P[a], Q[b]) + op(P[b], Q[a]))
+    if layout.collapse:
+        r = layout.collapsed_row
+        cross = torch.stack([op(P[k], Q[k]) for k in layout.collapse]).mean(0)
+        second.append(op(P[r], Q[0]) + op(P[0], Q[r]) + 2 * cross)
+    return torch.stack([v] + first + second)
+
+
+def _mul_rows(P, Q, layout: Layout):
+    """Elementwise product of row stacks, vectorised over the rows."""
+    nd = max(P.dim(), Q.dim()) - 1
+    P, Q = _broadcast_rows(P, nd), _broadcast_rows(Q, nd)
+    out = P * Q[:1] + P[:1] * Q
+    out = torch.cat([(P[0] * Q[0])[None], out[1:]])
+    if layout.pairs or layout.collapse:
+        corr = [P[a] * Q[b] + P[b] * Q[a] for a, b in layout.pairs]
+        if layout.collapse:
+            corr.append(2 * torch.stack([P[k] * Q[k] for k in layout.collapse]).mean(0))
+        out = torch.cat([out[:layout.second.start], out[layout.second] + torch.stack(corr)])
+    return out
+
+
+@_register(["mul", "__mul__", "multiply", "__rmul__", "__imul__"])
+def _mul(func, args, kwargs):
+    a, b = args[0], args[1]
+    if isinstance(a, Jet) and isinstance(b, Jet):
+        layout = _layout_of([a, b])
+        return _wrap(_mul_rows(a.rows, b.rows, layout), layout)
+    x, c = (a, b) if isinstance(a, Jet) else (b, a)
+    return _wrap(x.rows * c, x.layout)       # scaling by a constant: linear
+
+
+@_register(["div", "__truediv__", "true_divide", "divide", "__itruediv__"])
+def _div(func, args, kwargs):
+    a, b = args[0], args[1]
+    if kwargs.get("rounding_mode") is not None:
+        raise JetUnsupported("rounding division has no jet rule")
+    if isinstance(b, Jet):
+        return a * torch.reciprocal(b)
+    return _wrap(a.rows / b, a.layout)
+
+
+@_register(["__rtruediv__", "__rdiv__"])
+def _rdiv(func, args, kwargs):
+    x, c = args[0], args[1]
+    return c * torch.reciprocal(x)
+
+
+def _two_operand(func, fn):
+    def handler(f, args, kwargs):
+        a, b = args[0], args[1]
+        if isinstance(a, Jet) and isinstance(b, Jet):
+            layout = _layout_of([a, b])
+            return _wrap(_bilinear(fn, a, b, layout), layout)
+        return _linear(f, args, kwargs)
+    return handler
+
+
+for _name in ("matmul", "bmm", "mm", "outer"):
+    _register([_name, f"__{_name}__"])(_two_operand(None, getattr(torch, _name)))
+
+
+@_register(["einsum"])
+def _einsum(func, args, kwargs):
+    eq, ops = args[0], args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = tuple(ops[0])
+    jets = [o for o in ops if isinstance(o, Jet)]
+    if len(jets) <= 1:
+        return _linear(torch.einsum, (eq,) + tuple(ops), kwargs)
+    if len(ops) != 2:
+        raise JetUnsupported("einsum of more than two operands with several Jets has no jet rule")
+    layout = _layout_of(jets)
+    return _wrap(_bilinear(lambda p, q: torch.einsum(eq, p, q), ops[0], ops[1], layout), layout)
+
+
+# ---- composite layers --------------------------------------------------------------------
+@_register(["var_mean"])
+def _var_mean(func, args, kwargs):
+    x = args[0]
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    unbiased = kwargs.get("unbiased", kwargs.get("correction", 1))
+    keepdim = kwargs.get("keepdim", False)
+    mean = x.mean(dim=dim, keepdim=True)
+    c = x - mean
+    n = c[0].numel() if dim is None else math.prod(
+        c.shape[d] for d in ((dim,) if isinstance(dim, int) else dim))
+    var = (c * c).mean(dim=dim, keepdim=keepdim)
+    if unbiased:
+        var = var * (n / (n - 1))
+    if not keepdim:
+        mean = mean.squeeze(dim) if dim is not None else mean.reshape(())
+    return var, mean
+
+
+@_register(["group_norm"])
+def _group_norm(func, args, kwargs):
+    x = args[0]
+    groups = kwargs.get("num_groups", args[1] if len(args) > 1 else None)
+    weight = kwargs.get("weight", args[2] if len(args) > 2 else None)
+    bias = kwargs.get("bias", args[3] if len(args) > 3 else None)
+    eps = kwargs.get("eps", args[4] if len(args) > 4 else 1e-5)
+    shape = x.shape
+    xg = x.reshape(shape[0], groups, -1)
+    mean = xg.mean(dim=-1, keepdim=True)
+    c = xg - mean
+    var = (c * c).mean(dim=-1, keepdim=True)
+    y = (c * torch.rsqrt(var + eps)).reshape(shape)
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    if weight is not None:
+        y = y * weight.reshape(view)
+    if bias is not None:
+        y = y + bias.reshape(view)
+    return y
+
+
+@_register(["softmax"])
+def _softmax(func, args, kwargs):
+    """y = softmax(x): y_i = y (x_i - <y, x_i>), and to second order
+    y_ab = y (x_ab - <y, x_ab>) + y_b (x_a - <y, x_a>) - y <y_b, x_a>."""
+    x = args[0]
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dim is None:
+        raise JetUnsupported("softmax without dim has no jet rule")
+    L, X = x.layout, x.rows
+    d = dim if dim < 0 else dim + 1                      # the same axis in the row stack
+    y = torch.softmax(X[0], dim=dim)
+
+    def centred(r):                                      # r - <y, r> along dim
+        return r - (y * r).sum(dim=d if r.dim() == X.dim() else dim, keepdim=True)
+
+    first = y * centred(X[L.first])
+    out = [y[None], first]
+    if L.pairs or L.collapse:
+        def cross(a, b):                                 # y_b (x_a - <y, x_a>) - y <y_b, x_a>
+            ya = first[b - 1]
+            return ya * centred(X[a]) - y * (ya * X[a]).sum(dim=dim, keepdim=True)
+
+        second = y * centred(X[L.second])
+        corr = [cross(a, b) for a, b in L.pairs]
+        if L.collapse:
+            corr.append(torch.stack([cross(k, k) for k in L.collapse]).mean(0))
+        out.append(second + torch.stack(corr))
+    return _wrap(torch.cat(out), L)

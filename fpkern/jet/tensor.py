@@ -1,0 +1,103 @@
+"""Jets: a tensor together with its Taylor coefficients, stacked as rows (collapsed Taylor mode).
+
+A Jet of per-sample shape [B, ...] stores ``rows`` of shape [R, B, ...]:
+
+    row 0                    the value
+    rows 1 .. n1             first-order coefficients (one tangent direction each)
+    then one row per pair    mixed second-order coefficients d^2/(de_a de_b), pairs (a, b)
+    then (optionally) one    the *collapsed* second-order row: the average over the
+                             first-order directions in ``collapse`` of d^2/de_k^2
+
+Running a network on Jets (the class is a torch.Tensor subclass intercepting every torch
+function) pushes all rows through each layer at once: a linear layer is one call over R * B
+samples; a nonlinearity applies its second-order rule to all rows in one expression.
+The computations are ordinary torch ops on the rows, so autograd differentiates through
+them (parameter gradients, and reverse passes for the div-form residual).
+
+With the input x carrying rows (x, v_1..v_K, 0) and collapse = (1..K), the output carries
+(s, J v_1 .. J v_K, 1/K sum_k D^2_{v_k} s): the Hutchinson Laplacian in one pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Layout", "Jet", "JetUnsupported"]
+
+
+class JetUnsupported(NotImplementedError):
+    """A torch function without a jet rule was called on a Jet."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which rows a Jet has: n1 first-order rows, mixed pairs, an optional collapsed row."""
+
+    n1: int
+    pairs: tuple[tuple[int, int], ...] = ()
+    collapse: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for a, b in self.pairs:
+            if not (1 <= a <= self.n1 and 1 <= b <= self.n1):
+                raise ValueError(f"pair {(a, b)} names a first-order row outside 1..{self.n1}")
+        if any(not 1 <= k <= self.n1 for k in self.collapse):
+            raise ValueError(f"collapse {self.collapse} names a row outside 1..{self.n1}")
+
+    @property
+    def rows(self) -> int:
+        return 1 + self.n1 + len(self.pairs) + (1 if self.collapse else 0)
+
+    @property
+    def first(self) -> slice:
+        return slice(1, 1 + self.n1)
+
+    @property
+    def second(self) -> slice:
+        return slice(1 + self.n1, self.rows)
+
+    def pair_row(self, i: int) -> int:
+        return 1 + self.n1 + i
+
+    @property
+    def collapsed_row(self) -> int | None:
+        return self.rows - 1 if self.collapse else None
+
+
+class Jet(torch.Tensor):
+    """A torch.Tensor subclass whose value is ``rows[0]`` and which carries all its rows.
+
+    The tensor itself is a detached view of the value (it gives shape, dtype and device);
+    every computation goes through ``__torch_function__`` and the jet rules in
+    fpkern.jet.rules, which read and write ``rows``.
+    """
+
+    _rows: torch.Tensor
+    _layout: Layout
+
+    @staticmethod
+    def __new__(cls, rows: torch.Tensor, layout: Layout):
+        if rows.shape[0] != layout.rows:
+            raise ValueError(f"layout has {layout.rows} rows, got a tensor with {rows.shape[0]}")
+        shell = torch.Tensor._make_subclass(cls, rows[0].detach(), False)
+        shell._rows = rows
+        shell._layout = layout
+        return shell
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self._rows
+
+    @property
+    def layout(self) -> Layout:
+        return self._layout
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        from fpkern.jet.rules import dispatch
+        return dispatch(func, args, kwargs or {})
+
+    def __repr__(self) -> str:
+        return f"Jet(shape={tuple(self.shape)}, layout={self._layout})"

@@ -1,0 +1,97 @@
+"""method="fused": the FPE residual from one collapsed Taylor-mode pass of the network.
+
+The network runs on Jets (fpkern.jet): its input x carries the rows
+
+    x, v_1 .. v_K (probes), 0 (time tangent), 0 (collapsed second order)
+
+and t carries t, 0 .. 0, 1, 0, so one pass returns s, J v_k, d_t s and 1/K sum_k D^2_{v_k} s,
+every linear layer running once over all rows (MATH.md sections 2-3, no time stencil).
+
+- form "laplacian": r_c = d_t s - 1/2 g^2 Lap_V s - J c + f s; J c is a second, two-row
+  pass (c depends on s). Forward mode only.
+- form "div": r = d_t s - grad_x[1/2 g^2 (div_V s + |s|^2) - f <x, s>]: the jet pass gives
+  div_V s, then one reverse pass over the jet graph gives the gradient.
+- projected_residual: u . r for a direction u per sample, forward mode only. Every term is a
+  directional derivative: u . J^T c = c . J u and u . grad(div_V s) = 1/K sum_k
+  v_k . d^2 s[v_k, u] (mixed second-order rows). E_u (u . r)^2 = |r|^2 for Rademacher or
+  Gaussian u, so w (u . r)^2 is an unbiased estimate of the paper's loss w |r|^2.
+
+A score_fn that uses a torch function without a jet rule raises JetUnsupported; callers
+then use the generic torch.func path (fpkern.ops.forward_mode).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fpkern.jet import Jet, Layout
+from fpkern.ops._common import bcast, sde_coefficients
+
+__all__ = ["Layout", "jet_pass", "residual", "projected_residual"]
+
+
+def jet_pass(score_fn, x: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor, *,
+             time: bool, layout: Layout) -> torch.Tensor:
+    """Run score_fn on Jets: first-order x rows = tangents (then a time row if `time`).
+
+    Returns the output rows [layout.rows, *x.shape].
+    """
+    n_x = tangents.shape[0]
+    x_rows = torch.cat([x[None], tangents,
+                        x.new_zeros((layout.rows - 1 - n_x,) + tuple(x.shape))])
+    zero, one = torch.zeros_like(t), torch.ones_like(t)
+    t_rows = [t] + [zero] * n_x + ([one] if time else [])
+    t_rows = torch.stack(t_rows + [zero] * (layout.rows - len(t_rows)))
+    out = score_fn(Jet(x_rows, layout), Jet(t_rows, layout))
+    if not isinstance(out, Jet):
+        raise TypeError("score_fn returned a plain tensor for Jet inputs: its output does not "
+                        "depend on x and t through torch functions")
+    return out.rows
+
+
+def _laplacian_terms(score_fn, x, t, V):
+    """s, J v_k [K, ...], d_t s, 1/K sum_k D^2_{v_k} s, in one pass."""
+    K = V.shape[0]
+    layout = Layout(n1=K + 1, collapse=tuple(range(1, K + 1)))
+    rows = jet_pass(score_fn, x, t, V, time=True, layout=layout)
+    return rows[0], rows[1:K + 1], rows[K + 1], rows[K + 2]
+
+
+def _jvp(score_fn, x, t, c):
+    rows = jet_pass(score_fn, x, t, c[None], time=False, layout=Layout(n1=1))
+    return rows[1]
+
+
+def residual(score_fn, x, t, sde, form: str, V: torch.Tensor) -> torch.Tensor:
+    from fpkern.ops.combine import fpe_combine
+
+    f, g2 = sde_coefficients(sde, t, x)
+    if form == "laplacian":
+        s, _, dts, lap = _laplacian_terms(score_fn, x, t, V)
+        c = bcast(g2, x) * s - bcast(f, x) * x
+        return fpe_combine(dts, lap, _jvp(score_fn, x, t, c), s, g2, f)
+    K = V.shape[0]
+    xg = x.detach().requires_grad_(True)
+    rows = jet_pass(score_fn, xg, t, V, time=True, layout=Layout(n1=K + 1))
+    s, jv, dts = rows[0], rows[1:K + 1], rows[K + 1]
+    div = (V * jv).flatten(2).sum(2).mean(0)
+    h = 0.5 * g2 * (div + s.pow(2).flatten(1).sum(1)) - f * (xg * s).flatten(1).sum(1)
+    (grad_h,) = torch.autograd.grad(h.sum(), xg, create_graph=True)
+    return dts - grad_h
+
+
+def projected_residual(score_fn, x, t, sde, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """u . r per sample [B] for the div form, forward mode only (see the module docstring)."""
+    K = V.shape[0]
+    u_row = K + 1
+    layout = Layout(n1=K + 2, pairs=tuple((k, u_row) for k in range(1, K + 1)))
+    rows = jet_pass(score_fn, x, t, torch.cat([V, U[None]]), time=True, layout=layout)
+    s, ju, dts, mixed = rows[0], rows[u_row], rows[K + 2], rows[K + 3:]
+    f, g2 = sde_coefficients(sde, t, x)
+    c = bcast(g2, x) * s - bcast(f, x) * x
+
+    def dot(a, b):
+        return (a * b).flatten(1).sum(1)
+
+    u_grad_div = (V * mixed).flatten(2).sum(2).mean(0)
+    return dot(U, dts) - 0.5 * g2 * u_grad_div - dot(c, ju) + f * dot(U, s)

@@ -1,0 +1,119 @@
+"""method="fused" (collapsed Taylor mode through fpkern.jet) against float64 references."""
+
+import pytest
+import torch
+
+from fpkern.data.mixture import GaussianMixture
+from fpkern.models import MLP, ScoreFn, from_preset
+from fpkern.ops import forward_mode, fpe_residual, projected_residual
+from fpkern.sde import SubVPSDE, VESDE, VPSDE
+from tests.ops import reference
+
+F64 = torch.float64
+SDES = {"ve": VESDE(), "vp": VPSDE(), "subvp": SubVPSDE()}
+TIMES = [1e-3, 1e-2, 0.1, 0.5, 1.0]
+
+
+def _model(kind, sde):
+    torch.manual_seed(0)
+    if kind == "mixture":
+        gm = GaussianMixture.random(3, 3, generator=torch.Generator().manual_seed(0))
+        return reference.perturbed_field(gm, sde), (3,)
+    if kind == "mlp":
+        return ScoreFn(MLP(3, width=64, depth=3), sde).double(), (3,)
+    name = "small/ncsnpp" if isinstance(sde, VESDE) and not isinstance(sde, VPSDE) else "small/ddpmpp"
+    net = ScoreFn(from_preset(name), sde).double().eval()
+    return net, tuple(net.input_shape)
+
+
+def _as32(score_fn):
+    if isinstance(score_fn, torch.nn.Module):
+        import copy
+        return copy.deepcopy(score_fn).float()
+    return score_fn
+
+
+@pytest.mark.parametrize("kind", ["mixture", "mlp", "ncsnpp"])
+@pytest.mark.parametrize("name", SDES)
+@pytest.mark.parametrize("form", ["div", "laplacian"])
+def test_float32_fused_matches_float64_probe_conditional_value(kind, name, form, gen):
+    sde = SDES[name]
+    score64, shape = _model(kind, sde)
+    B = len(TIMES)
+    x = torch.randn((B,) + shape, generator=gen, dtype=F64)
+    t = torch.tensor(TIMES, dtype=F64)
+    V = torch.randn((2, B) + shape, generator=gen, dtype=F64)
+    want = forward_mode.residual(score64, x, t, sde, form, V).detach()
+    got = fpe_residual(_as32(score64), x.float(), t.float(), sde, form=form, method="fused",
+                       probes=V.float()).detach()
+    assert got.dtype == torch.float32
+    rel = (got.double() - want).flatten(1).norm(dim=1) / want.flatten(1).norm(dim=1)
+    assert rel.max() < 1e-4, f"relative error per t {dict(zip(TIMES, rel.tolist()))}"
+
+
+@pytest.mark.parametrize("kind", ["mixture", "mlp", "ncsnpp"])
+@pytest.mark.parametrize("form", ["div", "laplacian"])
+def test_float64_fused_equals_generic_path(kind, form, gen):
+    sde = SDES["vp"]
+    score_fn, shape = _model(kind, sde)
+    x = torch.randn((3,) + shape, generator=gen, dtype=F64)
+    t = torch.tensor([0.05, 0.4, 0.9], dtype=F64)
+    V = torch.randn((3, 3) + shape, generator=gen, dtype=F64)
+    got = fpe_residual(score_fn, x, t, sde, form=form, method="fused", probes=V)
+    want = forward_mode.residual(score_fn, x, t, sde, form, V)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["mixture", "mlp", "ncsnpp"])
+def test_projected_residual_is_u_dot_r(kind, gen):
+    sde = SDES["subvp"]
+    score_fn, shape = _model(kind, sde)
+    x = torch.randn((3,) + shape, generator=gen, dtype=F64)
+    t = torch.tensor([0.01, 0.3, 1.0], dtype=F64)
+    V = torch.randn((2, 3) + shape, generator=gen, dtype=F64)
+    U = torch.randn((3,) + shape, generator=gen, dtype=F64)
+    got = projected_residual(score_fn, x, t, sde, directions=U, probes=V)
+    r = fpe_residual(score_fn, x, t, sde, form="div", method="fused", probes=V)
+    want = (U * r).flatten(1).sum(1)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12 * want.abs().max().item())
+
+
+def test_projected_square_is_unbiased_for_the_squared_residual(gen):
+    sde = SDES["vp"]
+    score_fn, shape = _model("mixture", sde)
+    x = torch.randn((1,) + shape, generator=gen, dtype=F64).expand(4000, -1).contiguous()
+    t = torch.full((4000,), 0.2, dtype=F64)
+    V = torch.randn((1, 1) + shape, generator=gen, dtype=F64).expand(1, 4000, -1).contiguous()
+    proj = projected_residual(score_fn, x, t, sde, probes=V, generator=gen)
+    r = fpe_residual(score_fn, x[:1], t[:1], sde, form="div", method="fused", probes=V[:, :1])
+    est, exact = proj.pow(2).mean().item(), r.pow(2).sum().item()
+    sem = proj.pow(2).std().item() / 4000 ** 0.5
+    assert abs(est - exact) < 5 * sem, (est, exact, sem)
+
+
+def test_parameter_gradients_of_the_mlp_match_the_exact_method(gen):
+    sde = SDES["ve"]
+    net = ScoreFn(MLP(2, width=32, depth=2), sde).double()
+    x = torch.randn(4, 2, generator=gen, dtype=F64)
+    t = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=F64)
+    V = torch.randn(2, 4, 2, generator=gen, dtype=F64)
+    params = [p for p in net.parameters() if p.requires_grad]
+    for form in ("div", "laplacian"):
+        got = torch.autograd.grad(fpe_residual(net, x, t, sde, form=form, method="fused",
+                                               probes=V).pow(2).sum(), params)
+        ref = reference.residual(net, x, t, sde, form, probes=V)
+        want = torch.autograd.grad(ref.pow(2).sum(), params)
+        for g, w in zip(got, want):
+            assert torch.allclose(g, w, rtol=1e-8, atol=1e-10 * w.abs().max().item())
+
+
+def test_unsupported_score_functions_fall_back_to_the_generic_path(gen, caplog):
+    sde = SDES["vp"]
+    score_fn = lambda x, t: torch.where(x > 0, -x, -2 * x) * (1 + t[:, None])  # noqa: E731
+    x = torch.randn(3, 2, generator=gen, dtype=F64)
+    t = torch.tensor([0.1, 0.2, 0.3], dtype=F64)
+    V = torch.randn(1, 3, 2, generator=gen, dtype=F64)
+    with caplog.at_level("WARNING"):
+        got = fpe_residual(score_fn, x, t, sde, form="laplacian", method="fused", probes=V)
+    want = forward_mode.residual(score_fn, x, t, sde, "laplacian", V)
+    assert torch.allclose(got, want, rtol=1e-12)
