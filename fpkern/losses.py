@@ -1,0 +1,212 @@
+"""The FP-Diffusion training objective as small callable loss classes (MATH.md section 4).
+
+    L = DSM + alpha * L_vec + beta * L_scalar
+
+``DSMLoss`` returns the per-sample denoising score-matching values, ``FPLoss`` the
+per-sample vector term and the batch-level scalar term; the training loop reduces
+(``mean`` over the batch for the per-sample values) and weights them.
+
+    dsm = DSMLoss(sde)                       # likelihood weighting, t ~ U[eps, T]
+    fp = FPLoss(sde)                         # paper defaults: alpha .15, beta .01, m 2, 'll'
+    d = dsm(score_fn, x, generator=g)        # DSMOutput: per-sample loss, t, x_t, z, s
+    f = fp(score_fn, x, dsm=d, generator=g)  # FPOutput: per-sample vec, batch scalar
+    loss = d.loss.mean() + f.loss
+
+Sharing with the DSM forward (fp_points='pert'): the FP terms use the DSM term's t and
+x_t, and the scalar term reuses its score s (only the Hutchinson divergence costs a new
+network pass). The residual itself (method 'fused' / 'exact' / 'naive') recomputes s
+inside its own derivative passes, so the sharing is partial; fusing that forward with the
+DSM one is left to the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from fpkern.ops import FORMS, METHODS, PROBE_DISTS, fpe_residual, hutchinson_divergence
+from fpkern.sde import LinearSDE
+
+__all__ = ["DSMLoss", "FPLoss", "DSMOutput", "FPOutput", "sample_time",
+           "DSM_WEIGHTINGS", "WEIGHTINGS", "FP_POINTS"]
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: DSM weightings: 'll' g(t)^2 (likelihood weighting), 'score_sde' sigma(t)^2 (Score SDE's
+#: default lambda(t), i.e. mean_D (sigma s + z)^2).
+DSM_WEIGHTINGS = ("ll", "score_sde")
+#: FP vector-term weightings w(t): 'constant' 1, 'convention' g(t), 'll' g(t)^2.
+WEIGHTINGS = ("constant", "convention", "ll")
+#: Where the FP terms are evaluated: the DSM's perturbed samples x_t, the clean data x, or
+#: uniform points in the batch's data range.
+FP_POINTS = ("pert", "x", "random")
+
+
+def _choice(name: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid names: {list(valid)}")
+
+
+def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
+
+
+def sample_time(n: int, *, eps: float, T: float, generator: torch.Generator | None = None,
+                device=None, dtype=torch.float32) -> torch.Tensor:
+    """n times t ~ U[eps, T] (MATH.md 4), shape [n]."""
+    u = torch.rand(n, generator=generator, dtype=dtype,
+                   device=generator.device if generator is not None else device)
+    return (eps + (T - eps) * u).to(device)
+
+
+class DSMOutput(NamedTuple):
+    """Per-sample DSM values and the quantities the FP term may reuse."""
+
+    loss: torch.Tensor   # [B] weighted mean_D (s + z / sigma)^2
+    t: torch.Tensor      # [B] times
+    xt: torch.Tensor     # perturbed samples, shape of x
+    z: torch.Tensor      # the noise, shape of x
+    s: torch.Tensor      # the score s(x_t, t), shape of x (carries the graph)
+
+
+class FPOutput(NamedTuple):
+    """The FP regulariser's terms; ``loss`` = alpha * mean(vec) + beta * scalar."""
+
+    loss: torch.Tensor     # scalar, weighted sum of both terms
+    vec: torch.Tensor      # [n] per-sample w(t) |r|_2^m / D^m
+    scalar: torch.Tensor   # scalar, batch L2 norm of the scalar FPE right-hand side
+
+
+class DSMLoss:
+    """Denoising score matching, per sample (MATH.md 4):
+
+        lambda(t) * mean_D (s(x_t, t) + z / sigma(t))^2,   x_t = alpha(t) x + sigma(t) z,
+
+    with t ~ U[eps, T] and lambda = g^2 ('ll', likelihood weighting) or sigma^2
+    ('score_sde', Score SDE's default with reduce_mean).
+    """
+
+    def __init__(self, sde: LinearSDE, *, weighting: str = "ll", eps: float = 1e-5):
+        _choice("DSM weighting", weighting, DSM_WEIGHTINGS)
+        if not 0 <= eps < sde.T:
+            raise ValueError(f"eps must lie in [0, T={sde.T}), got {eps}")
+        self.sde, self.weighting, self.eps = sde, weighting, float(eps)
+
+    def perturb(self, x: torch.Tensor, *, generator: torch.Generator | None = None):
+        """(t, x_t, z, sigma(t)) for clean data x [B, ...]."""
+        t = sample_time(x.shape[0], eps=self.eps, T=self.sde.T, generator=generator,
+                        device=x.device, dtype=x.dtype)
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                        device=generator.device if generator is not None else x.device).to(x.device)
+        mean, std = self.sde.marginal_prob(x, t)
+        return t, mean + _bcast(std, x) * z, z, std
+
+    def __call__(self, score_fn: ScoreFn, x: torch.Tensor, *,
+                 generator: torch.Generator | None = None) -> DSMOutput:
+        t, xt, z, std = self.perturb(x, generator=generator)
+        s = score_fn(xt, t)
+        err = (s + z / _bcast(std, x)).pow(2).flatten(1).mean(1)
+        lam = self.sde.g2(t) if self.weighting == "ll" else std ** 2
+        return DSMOutput(lam.to(err.dtype) * err, t, xt, z, s)
+
+    def __repr__(self) -> str:
+        return f"DSMLoss(weighting={self.weighting!r}, eps={self.eps})"
+
+
+class FPLoss:
+    """The score-FPE regulariser alpha * L_vec + beta * L_scalar (MATH.md 4).
+
+    L_vec per sample: w(t) |r(y, t)|_2^m / D^m with r the score-FPE residual
+    (``fpkern.ops.fpe_residual`` with ``form``, ``method``, ``probes``) at points y
+    (``fp_points``) and w from ``weighting``. L_scalar: the batch L2 norm of
+    1/2 g^2 (div s + |s|^2) - f <y, s>, div by Hutchinson (``probes`` probes).
+    ``batch``: evaluate on the first ``batch`` samples only (None: all), a cost knob.
+    ``data_range``: (lo, hi) for fp_points 'random' (None: the batch's min and max).
+    """
+
+    def __init__(self, sde: LinearSDE, *, alpha: float = 0.15, beta: float = 0.01, m: float = 2,
+                 weighting: str = "ll", fp_points: str = "pert", form: str = "div",
+                 method: str = "fused", probes: int = 1, probe_dist: str = "rademacher",
+                 batch: int | None = None, data_range: tuple[float, float] | None = None,
+                 eps: float = 1e-5):
+        _choice("weighting", weighting, WEIGHTINGS)
+        _choice("fp_points", fp_points, FP_POINTS)
+        _choice("form", form, FORMS)
+        _choice("method", method, sorted(METHODS))
+        _choice("probe_dist", probe_dist, sorted(PROBE_DISTS))
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"alpha and beta must be >= 0, got {alpha}, {beta}")
+        if m <= 0:
+            raise ValueError(f"m must be > 0, got {m}")
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"probes must be a positive int, got {probes!r}")
+        if batch is not None and (isinstance(batch, bool) or int(batch) < 1):
+            raise ValueError(f"batch must be a positive int or None, got {batch!r}")
+        if not 0 <= eps < sde.T:
+            raise ValueError(f"eps must lie in [0, T={sde.T}), got {eps}")
+        self.sde = sde
+        self.alpha, self.beta, self.m = float(alpha), float(beta), float(m)
+        self.weighting, self.fp_points, self.form, self.method = weighting, fp_points, form, method
+        self.probes, self.probe_dist = int(probes), probe_dist
+        self.batch = None if batch is None else int(batch)
+        self.data_range = data_range
+        self.eps = float(eps)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """w(t): 1, g(t) or g(t)^2."""
+        if self.weighting == "constant":
+            return torch.ones_like(t)
+        return self.sde.g2(t) if self.weighting == "ll" else self.sde.g(t)
+
+    def points(self, x: torch.Tensor, dsm: DSMOutput | None, *,
+               generator: torch.Generator | None = None):
+        """(y, t, s or None): where the FP terms are evaluated, and a reusable score."""
+        n = x.shape[0] if self.batch is None else min(self.batch, x.shape[0])
+        if dsm is not None:
+            t = dsm.t[:n]
+        else:
+            t = sample_time(n, eps=self.eps, T=self.sde.T, generator=generator,
+                            device=x.device, dtype=x.dtype)
+        if self.fp_points == "pert":
+            if dsm is not None:
+                return dsm.xt[:n], t, dsm.s[:n]
+            z = torch.randn(x[:n].shape, generator=generator, dtype=x.dtype,
+                            device=generator.device if generator is not None else x.device)
+            mean, std = self.sde.marginal_prob(x[:n], t)
+            return mean + _bcast(std, mean) * z.to(x.device), t, None
+        if self.fp_points == "x":
+            return x[:n], t, None
+        lo, hi = self.data_range if self.data_range is not None else (x.min(), x.max())
+        u = torch.rand(x[:n].shape, generator=generator, dtype=x.dtype,
+                       device=generator.device if generator is not None else x.device)
+        return lo + (hi - lo) * u.to(x.device), t, None
+
+    def __call__(self, score_fn: ScoreFn, x: torch.Tensor, *, dsm: DSMOutput | None = None,
+                 generator: torch.Generator | None = None) -> FPOutput:
+        y, t, s = self.points(x, dsm, generator=generator)
+        D = y[0].numel()
+        zero = y.new_zeros(())
+        vec = y.new_zeros(y.shape[0])
+        if self.alpha > 0:
+            r = fpe_residual(score_fn, y, t, self.sde, form=self.form, method=self.method,
+                             probes=self.probes, probe_dist=self.probe_dist, generator=generator)
+            norm = r.flatten(1).pow(2).sum(1)
+            norm = norm if self.m == 2 else norm.sqrt() ** self.m
+            vec = self.weight(t).to(norm.dtype) * norm / D ** self.m
+        scalar = zero
+        if self.beta > 0:
+            if s is None:
+                s = score_fn(y, t)
+            div = hutchinson_divergence(score_fn, y, t, probes=self.probes,
+                                        probe_dist=self.probe_dist, generator=generator)
+            f, g2 = self.sde.f(t).to(y.dtype), self.sde.g2(t).to(y.dtype)
+            h = (0.5 * g2 * (div + s.flatten(1).pow(2).sum(1))
+                 - f * (y * s).flatten(1).sum(1))
+            scalar = torch.linalg.vector_norm(h)
+        return FPOutput(self.alpha * vec.mean() + self.beta * scalar, vec, scalar)
+
+    def __repr__(self) -> str:
+        return (f"FPLoss(alpha={self.alpha}, beta={self.beta}, m={self.m}, "
+                f"weighting={self.weighting!r}, fp_points={self.fp_points!r}, form={self.form!r}, "
+                f"method={self.method!r}, probes={self.probes}, batch={self.batch})")

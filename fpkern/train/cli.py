@@ -1,0 +1,185 @@
+"""``python -m fpkern.train``: typed options with choices and shown defaults, an optional
+TOML (or YAML) config file with the same option names, the command line winning. The
+options become plain keyword arguments of ``training_loop``.
+
+Exit codes: 0 done, 2 bad options, 3 non-finite loss (the last checkpoint is intact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from fpkern.losses import DSM_WEIGHTINGS, FP_POINTS, WEIGHTINGS
+
+__all__ = ["build_parser", "parse_args", "main", "load_config"]
+
+log = logging.getLogger("fpkern.train")
+
+_DEF = "(default: per --arch, see ARCH_DEFAULTS in fpkern/train/loop.py)"
+
+
+def _bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
+
+
+def _opt_int(s: str) -> int | None:
+    return None if s.lower() in ("none", "") else int(s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fpkern.data.images import IMAGE_SETS
+    from fpkern.data.toy2d import TOY_SETS
+    from fpkern.models import PRESETS
+    from fpkern.ops import FORMS, METHODS
+    from fpkern.sde import SDES
+    from fpkern.train.loop import ARCHS
+
+    p = argparse.ArgumentParser(
+        prog="python -m fpkern.train",
+        description="Train a score-based diffusion model with the score Fokker-Planck "
+                    "regulariser: L = DSM + alpha L_vec + beta L_scalar (MATH.md section 4). "
+                    "Under torchrun the ranks train data-parallel. Options left at None take "
+                    "the per-architecture default.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", type=Path, default=None,
+                   help="TOML (or YAML, if PyYAML is installed) file setting any of these "
+                        "options by name (dashes or underscores); the command line wins")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--arch", choices=ARCHS, default="ncsnpp", help="network architecture")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="fpkern.models preset for ncsnpp/ddpmpp (None: small/<arch>)")
+    g.add_argument("--sde", choices=sorted(SDES), default=None,
+                   help="forward SDE (None: the preset's; vp for mlp)")
+    g.add_argument("--dataset", choices=sorted(IMAGE_SETS) + sorted(TOY_SETS), default=None,
+                   help="training data (None: digits for images, checkerboard for mlp)")
+    g.add_argument("--data-dir", default=None, help="folder of file-based image sets")
+    g.add_argument("--mlp-width", type=int, default=128, help="MLP hidden width")
+    g.add_argument("--mlp-depth", type=int, default=3, help="MLP depth")
+    g = p.add_argument_group("objective (MATH.md section 4)")
+    g.add_argument("--alpha", type=float, default=0.15, help="weight of L_vec (0 disables)")
+    g.add_argument("--beta", type=float, default=0.01, help="weight of L_scalar (0 disables)")
+    g.add_argument("--m", type=float, default=2.0, help="power of the residual norm in L_vec")
+    g.add_argument("--weighting", choices=WEIGHTINGS, default="ll",
+                   help="w(t) of L_vec: 1, g(t) or g(t)^2")
+    g.add_argument("--fp-points", choices=FP_POINTS, default="pert",
+                   help="where the FP terms are evaluated")
+    g.add_argument("--form", choices=FORMS, default="div", help="residual form")
+    g.add_argument("--method", choices=sorted(METHODS), default="fused", help="residual method")
+    g.add_argument("--probes", type=int, default=1, help="Hutchinson probes per sample")
+    g.add_argument("--fp-batch", type=_opt_int, default=None,
+                   help=f"samples per rank the FP terms use, 0 = all {_DEF}")
+    g.add_argument("--fp-every", type=_opt_int, default=None,
+                   help=f"add the FP terms every this many steps {_DEF}")
+    g.add_argument("--dsm-weighting", choices=DSM_WEIGHTINGS, default="ll",
+                   help="DSM weighting: ll = g^2 (likelihood), score_sde = sigma^2")
+    g.add_argument("--eps", type=float, default=1e-5, help="t ~ U[eps, T]")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=_opt_int, default=None, help=f"optimizer steps {_DEF}")
+    g.add_argument("--batch-size", type=_opt_int, default=None,
+                   help=f"global batch size, split over ranks {_DEF}")
+    g.add_argument("--lr", type=float, default=None, help=f"Adam learning rate {_DEF}")
+    g.add_argument("--warmup", type=_opt_int, default=None, help=f"linear warm-up steps {_DEF}")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (<= 0: off)")
+    g.add_argument("--ema", type=float, default=None, help=f"EMA decay {_DEF}")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights, data and noise")
+    g.add_argument("--amp", action="store_true",
+                   help="autocast the loss (bfloat16 on CPU, float16 with GradScaler on CUDA)")
+    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    g = p.add_argument_group("run")
+    g.add_argument("--workdir", default="runs/fpkern",
+                   help="output folder: checkpoints/, samples/, metrics.jsonl, tensorboard/")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --workdir")
+    g.add_argument("--init-from", default=None,
+                   help="Score SDE or fpkern checkpoint to fine-tune from")
+    g.add_argument("--sample-every", type=_opt_int, default=None,
+                   help=f"sample PNG every this many steps, 0 = at the end only {_DEF}")
+    g.add_argument("--eval-every", type=_opt_int, default=None,
+                   help=f"held-out DSM and FPE residual every this many steps, 0 = never {_DEF}")
+    g.add_argument("--ckpt-every", type=_opt_int, default=None,
+                   help=f"checkpoint every this many steps (and at the end) {_DEF}")
+    g.add_argument("--keep-ckpts", type=int, default=3, help="checkpoints kept")
+    g.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl rows")
+    g.add_argument("--num-samples", type=_opt_int, default=None,
+                   help=f"samples per preview {_DEF}")
+    g.add_argument("--sample-steps", type=_opt_int, default=None,
+                   help=f"reverse-SDE steps per preview {_DEF}")
+    g.add_argument("--deterministic", type=_bool, default=True,
+                   help="torch.use_deterministic_algorithms (warn only)")
+    g.add_argument("--progress", type=_bool, default=True, help="tqdm progress bar")
+    g.add_argument("--tensorboard", type=_bool, default=True,
+                   help="TensorBoard scalars if the tensorboard package is installed")
+    g.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="python logging level")
+    return p
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Options from a TOML (.toml) or YAML (.yaml/.yml) file, keys with '_' for '-'.
+    A top-level [train] table, if present, is used."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: YAML configs need PyYAML; use TOML instead") from None
+        data = yaml.safe_load(path.read_text()) or {}
+    else:
+        import tomllib
+
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    if isinstance(data.get("train"), dict):
+        data = data["train"]
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        cfg = load_config(args.config)
+        dests = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        unknown = sorted(set(cfg) - set(dests))
+        if unknown:
+            parser.error(f"{args.config}: unknown option(s) {unknown}; valid names: {sorted(dests)}")
+        for k, v in cfg.items():
+            choices = dests[k].choices
+            if choices is not None and v not in choices:
+                parser.error(f"{args.config}: {k} = {v!r}; valid names: {list(choices)}")
+        parser.set_defaults(**cfg)
+        args = parser.parse_args(argv)  # the command line wins over the file
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fpkern.train.loop import NonFiniteLossError, training_loop
+
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=args.log_level if rank == 0 else "WARNING",
+                        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("config", "log_level")}
+    try:
+        training_loop(**kwargs)
+    except NonFiniteLossError as e:
+        log.error("training stopped: %s", e)
+        return 3
+    except ValueError as e:
+        log.error("invalid options: %s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

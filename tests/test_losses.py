@@ -1,0 +1,120 @@
+"""fpkern.losses: DSM formula, FP weighting and D^m normalisation, t in [eps, T], bad options."""
+
+import pytest
+import torch
+
+from fpkern.losses import DSMLoss, FPLoss, sample_time
+from fpkern.ops import fpe_residual, hutchinson_divergence
+from fpkern.sde import SubVPSDE, VESDE, VPSDE
+
+
+class Field(torch.nn.Module):
+    """A smooth non-exact score field s(x, t) = -x / (1 + t) + w tanh(x), x [B, ...]."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+
+    def forward(self, x, t):
+        return -x / (1 + t.reshape(-1, *([1] * (x.dim() - 1)))) + self.w * torch.tanh(x)
+
+
+@pytest.mark.parametrize("sde", [VESDE(), VPSDE(), SubVPSDE()], ids=["ve", "vp", "subvp"])
+@pytest.mark.parametrize("weighting", ["ll", "score_sde"])
+def test_dsm_matches_formula(sde, weighting):
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    f = Field()
+    out = DSMLoss(sde, weighting=weighting, eps=1e-5)(f, x, generator=torch.Generator().manual_seed(1))
+    # redraw the same t and z and compute the formula by hand
+    g = torch.Generator().manual_seed(1)
+    t = 1e-5 + (sde.T - 1e-5) * torch.rand(6, generator=g, dtype=torch.float64)
+    z = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    std = sde.sigma(t)[:, None]
+    xt = sde.alpha(t)[:, None] * x + std * z
+    lam = sde.g2(t) if weighting == "ll" else sde.sigma(t) ** 2
+    want = lam * ((f(xt, t) + z / std) ** 2).mean(1)
+    torch.testing.assert_close(out.t, t)
+    torch.testing.assert_close(out.xt, xt)
+    torch.testing.assert_close(out.loss, want)
+    assert out.loss.shape == (6,)
+
+
+@pytest.mark.parametrize("weighting", ["constant", "convention", "ll"])
+@pytest.mark.parametrize("m", [1.0, 2.0, 3.0])
+def test_fp_vec_weighting_and_normalisation(weighting, m):
+    sde = VPSDE()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    f = Field()
+    dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(3))
+    fp = FPLoss(sde, alpha=0.5, beta=0.0, m=m, weighting=weighting, method="exact")
+    out = fp(f, x, dsm=dsm)
+    r = fpe_residual(f, dsm.xt, dsm.t, sde, method="exact")
+    w = {"constant": torch.ones_like(dsm.t), "convention": sde.g(dsm.t), "ll": sde.g2(dsm.t)}[weighting]
+    want = w * r.flatten(1).norm(dim=1) ** m / 6 ** m          # D = 2 * 3
+    torch.testing.assert_close(out.vec, want)
+    torch.testing.assert_close(out.loss, 0.5 * want.mean())
+    assert float(out.scalar) == 0.0
+
+
+def test_fp_scalar_term_reuses_dsm_score():
+    sde = VESDE()
+    x = torch.randn(7, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    f = Field()
+    dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(5))
+    calls = []
+
+    def counted(y, t):
+        calls.append(y.shape)
+        return f(y, t)
+
+    fp = FPLoss(sde, alpha=0.0, beta=0.25, probes=2)
+    out = fp(counted, x, dsm=dsm, generator=torch.Generator().manual_seed(6))
+    div = hutchinson_divergence(f, dsm.xt, dsm.t, probes=2, generator=torch.Generator().manual_seed(6))
+    fc, g2 = sde.f(dsm.t), sde.g2(dsm.t)
+    h = 0.5 * g2 * (div + dsm.s.pow(2).sum(1)) - fc * (dsm.xt * dsm.s).sum(1)
+    torch.testing.assert_close(out.scalar, h.norm())
+    torch.testing.assert_close(out.loss, 0.25 * h.norm())
+    assert len(calls) == 1  # only the divergence pass: s comes from the DSM forward
+
+
+def test_fp_points_and_subset():
+    sde = VPSDE()
+    x = torch.rand(8, 3, dtype=torch.float64)
+    f = Field()
+    dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(0))
+    for pts in ("pert", "x", "random"):
+        out = FPLoss(sde, fp_points=pts, batch=3, method="exact")(f, x, dsm=dsm,
+                                                                  generator=torch.Generator().manual_seed(1))
+        assert out.vec.shape == (3,) and torch.isfinite(out.loss)
+    yy, tt, _ = FPLoss(sde, fp_points="random").points(x, None, generator=torch.Generator().manual_seed(2))
+    assert float(yy.min()) >= float(x.min()) and float(yy.max()) <= float(x.max())
+    assert float(tt.min()) >= 1e-5
+
+
+def test_time_in_eps_T():
+    g = torch.Generator().manual_seed(0)
+    t = sample_time(100000, eps=0.25, T=1.0, generator=g)
+    assert float(t.min()) >= 0.25 and float(t.max()) <= 1.0
+    assert float(t.min()) < 0.26 and float(t.max()) > 0.99
+    out = DSMLoss(VESDE(), eps=0.5)(Field(), torch.randn(1000, 2, dtype=torch.float64),
+                                    generator=g)
+    assert float(out.t.min()) >= 0.5
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(weighting="nope"), "constant"), (dict(fp_points="nope"), "pert"),
+    (dict(form="nope"), "laplacian"), (dict(method="nope"), "fused"),
+    (dict(probe_dist="nope"), "rademacher"),
+])
+def test_fp_bad_options(kwargs, name):
+    with pytest.raises(ValueError, match=f"valid names.*{name}"):
+        FPLoss(VPSDE(), **kwargs)
+
+
+def test_dsm_bad_options():
+    with pytest.raises(ValueError, match="valid names.*score_sde"):
+        DSMLoss(VPSDE(), weighting="nope")
+    with pytest.raises(ValueError):
+        FPLoss(VPSDE(), m=0)
+    with pytest.raises(ValueError):
+        FPLoss(VPSDE(), probes=0)
