@@ -25,11 +25,12 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from fpkern.ops import FORMS, METHODS, PROBE_DISTS, fpe_residual, hutchinson_divergence
+from fpkern.ops import (FORMS, METHODS, PROBE_DISTS, fpe_residual, hutchinson_divergence,
+                        projected_residual)
 from fpkern.sde import LinearSDE
 
 __all__ = ["DSMLoss", "FPLoss", "DSMOutput", "FPOutput", "sample_time",
-           "DSM_WEIGHTINGS", "WEIGHTINGS", "FP_POINTS"]
+           "DSM_WEIGHTINGS", "WEIGHTINGS", "FP_POINTS", "ESTIMATORS"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,6 +42,10 @@ WEIGHTINGS = ("constant", "convention", "ll")
 #: Where the FP terms are evaluated: the DSM's perturbed samples x_t, the clean data x, or
 #: uniform points in the batch's data range.
 FP_POINTS = ("pert", "x", "random")
+#: How L_vec is computed: 'vector' from the residual r itself; 'projected' from (u . r)^2
+#: with a Rademacher u per sample (div form, m = 2, method 'fused'): unbiased for |r|^2 and
+#: forward mode only (fpkern.ops.projected_residual).
+ESTIMATORS = ("vector", "projected")
 
 
 def _choice(name: str, value, valid) -> None:
@@ -123,14 +128,19 @@ class FPLoss:
     1/2 g^2 (div s + |s|^2) - f <y, s>, div by Hutchinson (``probes`` probes).
     ``batch``: evaluate on the first ``batch`` samples only (None: all), a cost knob.
     ``data_range``: (lo, hi) for fp_points 'random' (None: the batch's min and max).
+    ``estimator``: 'vector' (|r|^2 from r) or 'projected' ((u . r)^2, see ESTIMATORS).
     """
 
     def __init__(self, sde: LinearSDE, *, alpha: float = 0.15, beta: float = 0.01, m: float = 2,
                  weighting: str = "ll", fp_points: str = "pert", form: str = "div",
                  method: str = "fused", probes: int = 1, probe_dist: str = "rademacher",
                  batch: int | None = None, data_range: tuple[float, float] | None = None,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, estimator: str = "vector"):
         _choice("weighting", weighting, WEIGHTINGS)
+        _choice("estimator", estimator, ESTIMATORS)
+        if estimator == "projected" and (form != "div" or m != 2 or method != "fused"):
+            raise ValueError("estimator 'projected' needs form 'div', m 2 and method 'fused', "
+                             f"got form {form!r}, m {m}, method {method!r}")
         _choice("fp_points", fp_points, FP_POINTS)
         _choice("form", form, FORMS)
         _choice("method", method, sorted(METHODS))
@@ -152,6 +162,7 @@ class FPLoss:
         self.batch = None if batch is None else int(batch)
         self.data_range = data_range
         self.eps = float(eps)
+        self.estimator = estimator
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """w(t): 1, g(t) or g(t)^2."""
@@ -188,11 +199,15 @@ class FPLoss:
         D = y[0].numel()
         zero = y.new_zeros(())
         vec = y.new_zeros(y.shape[0])
-        if self.alpha > 0:
+        if self.alpha > 0 and self.estimator == "projected":
+            norm = projected_residual(score_fn, y, t, self.sde, probes=self.probes,
+                                      probe_dist=self.probe_dist, generator=generator).pow(2)
+        elif self.alpha > 0:
             r = fpe_residual(score_fn, y, t, self.sde, form=self.form, method=self.method,
                              probes=self.probes, probe_dist=self.probe_dist, generator=generator)
             norm = r.flatten(1).pow(2).sum(1)
             norm = norm if self.m == 2 else norm.sqrt() ** self.m
+        if self.alpha > 0:
             vec = self.weight(t).to(norm.dtype) * norm / D ** self.m
         scalar = zero
         if self.beta > 0:
@@ -209,4 +224,5 @@ class FPLoss:
     def __repr__(self) -> str:
         return (f"FPLoss(alpha={self.alpha}, beta={self.beta}, m={self.m}, "
                 f"weighting={self.weighting!r}, fp_points={self.fp_points!r}, form={self.form!r}, "
-                f"method={self.method!r}, probes={self.probes}, batch={self.batch})")
+                f"method={self.method!r}, probes={self.probes}, batch={self.batch}, "
+                f"estimator={self.estimator!r})")

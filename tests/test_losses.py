@@ -118,3 +118,30 @@ def test_dsm_bad_options():
         FPLoss(VPSDE(), m=0)
     with pytest.raises(ValueError):
         FPLoss(VPSDE(), probes=0)
+
+
+def test_projected_estimator_is_unbiased_for_the_vector_term():
+    """With estimator 'projected', vec = w (u . r)^2 / D^2: its mean over directions u is the
+    vector estimator's w |r|^2 / D^2 for the same probes."""
+    sde = VPSDE()
+    f = Field()
+    x = torch.randn(1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x = x.expand(3000, 3).contiguous()
+    t = torch.full((3000,), 0.3, dtype=torch.float64)
+    dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(5))
+    dsm = dsm._replace(t=t, xt=x)                    # one point, many directions u
+    fp = FPLoss(sde, alpha=1.0, beta=0.0, estimator="projected")
+    proj = fp(f, x, dsm=dsm, generator=torch.Generator().manual_seed(6)).vec
+    exact = FPLoss(sde, alpha=1.0, beta=0.0, method="exact")(f, x[:1], dsm=dsm).vec[0]
+    # probes: Rademacher, and for this field J is diagonal so div is exact for any probe
+    sem = proj.std() / 3000 ** 0.5
+    assert abs(proj.mean() - exact) < 5 * sem, (proj.mean(), exact, sem)
+
+
+def test_projected_estimator_needs_the_div_form_and_m_2():
+    with pytest.raises(ValueError, match="needs form 'div', m 2"):
+        FPLoss(VPSDE(), estimator="projected", form="laplacian")
+    with pytest.raises(ValueError, match="needs form 'div', m 2"):
+        FPLoss(VPSDE(), estimator="projected", m=1)
+    with pytest.raises(ValueError, match="valid names.*projected"):
+        FPLoss(VPSDE(), estimator="nope")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from fpkern.losses import DSM_WEIGHTINGS, FP_POINTS, WEIGHTINGS
+from fpkern.losses import DSM_WEIGHTINGS, ESTIMATORS, FP_POINTS, WEIGHTINGS
 
 __all__ = ["build_parser", "parse_args", "main", "load_config"]
 
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--form", choices=FORMS, default="div", help="residual form")
     g.add_argument("--method", choices=sorted(METHODS), default="fused", help="residual method")
     g.add_argument("--probes", type=int, default=1, help="Hutchinson probes per sample")
+    g.add_argument("--fp-estimator", choices=ESTIMATORS, default="vector",
+                   help="L_vec from the residual vector, or the forward-only unbiased (u . r)^2 "
+                        "(div form, m 2, fused)")
     g.add_argument("--fp-batch", type=_opt_int, default=None,
                    help=f"samples per rank the FP terms use, 0 = all {_DEF}")
     g.add_argument("--fp-every", type=_opt_int, default=None,

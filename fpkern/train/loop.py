@@ -171,6 +171,7 @@ def training_loop(
     form: str = "div",                # residual form: div or laplacian
     method: str = "fused",            # residual method: fused, exact or naive
     probes: int = 1,                  # Hutchinson probes per sample
+    fp_estimator: str = "vector",     # L_vec from r (vector) or forward-only (u . r)^2 (projected)
     fp_batch: int | None = None,      # samples per rank the FP terms use (None: arch default; 0: all)
     fp_every: int | None = None,      # add the FP terms every this many steps (None: arch default)
     dsm_weighting: str = "ll",        # DSM lambda(t): ll (g^2) or score_sde (sigma^2)
@@ -242,7 +243,7 @@ def training_loop(
 
 
 def _run(*, workdir, arch, preset, sde_name, dataset, data_dir, alpha, beta, m, weighting,
-         fp_points, form, method, probes, fp_batch, fp_every, dsm_weighting, eps, steps,
+         fp_points, form, method, probes, fp_estimator, fp_batch, fp_every, dsm_weighting, eps, steps,
          batch_size, lr, warmup, grad_clip, ema_decay, seed, resume, init_from, sample_every,
          eval_every, ckpt_every, keep_ckpts, log_every, num_samples, sample_steps, mlp_width,
          mlp_depth, device, amp, deterministic, progress, tensorboard, options, rank, world,
@@ -275,7 +276,8 @@ def _run(*, workdir, arch, preset, sde_name, dataset, data_dir, alpha, beta, m, 
     fp_loss = None
     if alpha > 0 or beta > 0:
         fp_loss = FPLoss(sde, alpha=alpha, beta=beta, m=m, weighting=weighting, fp_points=fp_points,
-                         form=form, method=method, probes=probes, batch=fp_batch, eps=eps)
+                         form=form, method=method, probes=probes, batch=fp_batch, eps=eps,
+                         estimator=fp_estimator)
     ema = EMA(net, ema_decay)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
