@@ -53,11 +53,11 @@ def _load_train_checkpoint(path, *, ema: bool = True):
     with the training loop's own builder, then the EMA (or raw) weights are loaded."""
     from fpkern.models import ScoreFn
     from fpkern.train import checkpoint as ckpt_io
-    from fpkern.train.loop import _build_model
+    from fpkern.train.loop import build_model
 
     ckpt = ckpt_io.load_checkpoint(path)
     o = ckpt.get("options", {})
-    net, sde, *_ = _build_model(o.get("arch"), o.get("preset"), o.get("sde_name", o.get("sde")),
+    net, sde, *_ = build_model(o.get("arch"), o.get("preset"), o.get("sde_name", o.get("sde")),
                                 o.get("dataset"), o.get("mlp_width", 128), o.get("mlp_depth", 3))
     net.load_state_dict(ckpt["ema" if ema else "model"])
     net.eval()

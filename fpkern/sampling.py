@@ -99,7 +99,9 @@ def _transition(sde: LinearSDE, t: float, t_next: float) -> tuple[float, float]:
 
 
 def _randn(x: torch.Tensor, generator) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    """Noise like x from `generator` (drawn on the generator's device, moved to x's)."""
+    dev = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=dev).to(x.device)
 
 
 def _em_step(score_fn, sde, x, t, t_next, generator):

@@ -91,8 +91,9 @@ class LinearSDE(abc.ABC):
 
     def prior_sampling(self, shape, *, generator: torch.Generator | None = None,
                        device=None, dtype=None) -> torch.Tensor:
-        return self.prior_std * torch.randn(tuple(shape), generator=generator,
-                                            device=device, dtype=dtype)
+        gen_device = generator.device if generator is not None else device
+        z = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype)
+        return self.prior_std * z.to(device)
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, prior_std^2 I), summed over every dimension but the batch."""

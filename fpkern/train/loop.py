@@ -30,7 +30,6 @@ from fpkern.train import checkpoint as ckpt_io
 from fpkern.train.data import ImageBatches, TensorItems, ToyBatches, is_toy
 from fpkern.train.ema import EMA
 from fpkern.train.metrics import MetricsWriter
-from fpkern.train.sampling import reverse_sde_sample, save_image_grid, save_scatter
 
 __all__ = ["training_loop", "TrainResult", "NonFiniteLossError", "ARCHS", "ARCH_DEFAULTS"]
 
@@ -83,8 +82,9 @@ def _dist_env() -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), True
 
 
-def _build_model(arch, preset, sde_name, dataset, mlp_width, mlp_depth):
-    """(raw network, SDE, image data config or None)."""
+def build_model(arch, preset, sde_name, dataset, mlp_width, mlp_depth):
+    """(raw network, SDE, image data config or None, Score SDE config or None) for the
+    training options; fpkern.sample and fpkern.evaluate rebuild checkpointed models with it."""
     from fpkern.models import MLP, from_score_sde_config, get_config, sde_from_config
 
     if arch == "mlp":
@@ -264,7 +264,7 @@ def _run(*, workdir, arch, preset, sde_name, dataset, data_dir, alpha, beta, m, 
 
     # model, SDE, losses (the same initial weights on every rank: seeded, then broadcast)
     torch.manual_seed(seed)
-    net, sde, data_cfg, cfg = _build_model(arch, preset, sde_name, dataset, mlp_width, mlp_depth)
+    net, sde, data_cfg, cfg = build_model(arch, preset, sde_name, dataset, mlp_width, mlp_depth)
     if init_from is not None and not resume:
         _load_init(net, init_from, cfg)
     net.to(dev)
@@ -348,12 +348,18 @@ def _run(*, workdir, arch, preset, sde_name, dataset, data_dir, alpha, beta, m, 
         if not is_main:
             return
         (workdir / "samples").mkdir(exist_ok=True)
-        g = torch.Generator().manual_seed(seed + 12345)
-        x = reverse_sde_sample(ScoreFn(ema.module, sde), sde, (num_samples,) + data_shape,
-                               steps=sample_steps, generator=g, device=dev)
+        from fpkern.sample import save_image_grid, save_scatter
+        from fpkern.sampling import sample
+
+        g = torch.Generator().manual_seed(seed + 12345)    # its own stream: training RNG untouched
+        with torch.no_grad():
+            x = sample(ScoreFn(ema.module, sde), sde, (num_samples,) + data_shape,
+                       method="reverse_diffusion", steps=sample_steps, generator=g,
+                       device=dev).samples
         path = workdir / "samples" / f"samples_{step:08d}.png"
         if image:
-            save_image_grid(x, path, centered=bool(data_cfg.get("centered", False)))
+            centered = bool(data_cfg.get("centered", False))
+            save_image_grid(x, path, data_range=(-1.0, 1.0) if centered else (0.0, 1.0))
         else:
             save_scatter(x, path, title=f"{dataset}, step {step}")
         log.info("wrote %s", path)
