@@ -1,7 +1,8 @@
 """Speed and memory of the FPE residual loss: the paper's algorithm ("naive") against fpkern.
 
 Providers: naive (MATH.md 5: nested reverse mode, 3-point time stencil), fused (fpkern's
-method="fused"). Modes: "fwd" (the loss |r|^2), "fwdbwd" (the loss and its parameter
+method="fused": collapsed Taylor-mode jets), projected (the div-form loss as the
+forward-only unbiased (u . r)^2, fpkern.ops.projected_residual). Modes: "fwd" (the loss |r|^2), "fwdbwd" (the loss and its parameter
 gradient) and "train_step" (DSM + 0.15 FP loss, backward; against a plain DSM step).
 Cases: MLP score networks for D = 2 and 64, and the small NCSN++ preset.
 Run: `pytest benchmarks/ --benchmark-only [--bench-json PATH]`.
@@ -14,7 +15,7 @@ import torch
 
 from benchmarks.conftest import device
 from fpkern.models import MLP, ScoreFn, from_preset, get_config, sde_from_config
-from fpkern.ops import fpe_residual
+from fpkern.ops import fpe_residual, projected_residual
 from fpkern.sde import VPSDE
 
 
@@ -45,9 +46,12 @@ def _case(name: str):
 
 def _fp_loss(net, sde, x, t, provider, form, K):
     V = torch.randn((K,) + x.shape, device=x.device, generator=None)
-    r = fpe_residual(net, x, t, sde, form=form, method=provider, probes=V)
     D = x[0].numel()
-    return (sde.g2(t) * r.flatten(1).pow(2).sum(1)).mean() / D ** 2
+    if provider == "projected":
+        sq = projected_residual(net, x, t, sde, probes=V).pow(2)
+    else:
+        sq = fpe_residual(net, x, t, sde, form=form, method=provider, probes=V).flatten(1).pow(2).sum(1)
+    return (sde.g2(t) * sq).mean() / D ** 2
 
 
 def _dsm_loss(net, sde, x, t, z):
@@ -67,11 +71,13 @@ CASES = ["mlp2", "mlp64", "ncsnpp_small"]
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("form", ["div", "laplacian"])
 @pytest.mark.parametrize("K", [1, 4])
-@pytest.mark.parametrize("provider", ["naive", "fused"])
+@pytest.mark.parametrize("provider", ["naive", "fused", "projected"])
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 def test_fp_loss(record, case, form, K, provider, mode):
     if case == "ncsnpp_small" and K == 4 and device().type == "cpu":
         pytest.skip("K=4 on the conv net is a GPU case")
+    if provider == "projected" and form != "div":
+        pytest.skip("the projected estimator is for the div-form loss")
     net, sde, x, t, _ = _case(case)
     params = [p for p in net.parameters() if p.requires_grad]
 
@@ -86,7 +92,7 @@ def test_fp_loss(record, case, form, K, provider, mode):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("provider", ["dsm", "naive", "fused"])
+@pytest.mark.parametrize("provider", ["dsm", "naive", "fused", "projected"])
 def test_train_step(record, case, provider):
     net, sde, x, t, z = _case(case)
     opt = torch.optim.Adam(net.parameters(), lr=1e-5)

@@ -92,7 +92,7 @@ def _ratios():
     for (case, prov, mode), r in sorted(by.items()):
         if prov != "naive":
             continue
-        for other in ("fused", "torch.func"):
+        for other in ("fused", "projected"):
             o = by.get((case, other, mode))
             if o:
                 rows.append((case, mode, other, r["median_s"] / o["median_s"],
