@@ -24,7 +24,7 @@ def check_time(t: torch.Tensor, T: float, *, name: str = "t") -> None:
     """t must be a finite floating tensor with values in [0, T]."""
     check_floating(t, name)
     check_finite(t, name)
-    lo, hi = float(t.min()), float(t.max())
+    lo, hi = float(t.detach().min()), float(t.detach().max())
     if lo < 0 or hi > T:
         raise ValueError(f"{name} must lie in [0, T={T}], got values in [{lo:.6g}, {hi:.6g}]")
 
