@@ -79,7 +79,8 @@ for _name in ("dim", "size", "numel", "element_size", "is_floating_point", "is_c
               "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "all", "any",
               "__bool__", "item", "tolist", "__len__", "__format__", "__repr__", "data_ptr",
               "get_device", "is_nonzero", "untyped_storage", "stride", "storage_offset",
-              "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"):
+              "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+              "detach"):   # detach: a constant, so derivatives stop there
     for _mod in (torch, torch.Tensor):
         _f = getattr(_mod, _name, None)
         if _f is not None:

@@ -115,5 +115,7 @@ def test_metadata_reads_the_value(gen):
     assert x.shape == (2, 5) and x.dtype == F64 and x.dim() == 2 and x.size(1) == 5
     assert bool(torch.isfinite(x).all()) and float(x.min()) == rows[0].min().item()
     assert torch.equal(torch.zeros_like(x), torch.zeros(2, 5, dtype=F64))
+    d = x.detach()                                   # a constant: no rows, the value only
+    assert not isinstance(d, Jet) and torch.equal(d, rows[0])
     with pytest.raises(ValueError, match="layout has 2 rows"):
         Jet(rows, Layout(n1=1))

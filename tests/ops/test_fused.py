@@ -117,3 +117,20 @@ def test_unsupported_score_functions_fall_back_to_the_generic_path(gen, caplog):
         got = fpe_residual(score_fn, x, t, sde, form="laplacian", method="fused", probes=V)
     want = forward_mode.residual(score_fn, x, t, sde, "laplacian", V)
     assert torch.allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mixture", "mlp", "ncsnpp"])
+@pytest.mark.parametrize("name", SDES)
+def test_models_run_on_jets_without_the_generic_fallback(kind, name, gen):
+    """fused.residual raises JetUnsupported instead of falling back: every op of these score
+    functions has a jet rule (so the tests above exercise the jet engine, not torch.func)."""
+    from fpkern.ops import fused
+    sde = SDES[name]
+    score_fn, shape = _model(kind, sde)
+    x = torch.randn((2,) + shape, generator=gen, dtype=F64)
+    t = torch.tensor([0.02, 0.7], dtype=F64).requires_grad_()
+    V = torch.randn((1, 2) + shape, generator=gen, dtype=F64)
+    for form in ("div", "laplacian"):
+        assert torch.isfinite(fused.residual(score_fn, x, t, sde, form, V)).all()
+    U = torch.randn((2,) + shape, generator=gen, dtype=F64)
+    assert torch.isfinite(fused.projected_residual(score_fn, x, t, sde, U, V)).all()
