@@ -1,10 +1,11 @@
-"""Input checks shared by the public API: each raises with a message naming the problem."""
+"""Input checks shared by the public API (each raises with a message naming the problem),
+and the one per-sample broadcasting helper."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["check_floating", "check_finite", "check_time", "check_batch"]
+__all__ = ["check_floating", "check_finite", "check_time", "check_batch", "check_choice", "bcast"]
 
 
 def check_floating(x: torch.Tensor, name: str) -> None:
@@ -39,3 +40,14 @@ def check_batch(x: torch.Tensor, t: torch.Tensor, *, x_name: str = "x", t_name: 
                          f"shape {tuple(x.shape)}, got shape {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{t_name} is on {t.device} but {x_name} is on {x.device}")
+
+
+def check_choice(name: str, value, valid) -> None:
+    """value must be one of valid (a registry's keys or a tuple of names)."""
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid names: {sorted(valid)}")
+
+
+def bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample coefficient [B] viewed so it broadcasts against x [B, ...]."""
+    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))

@@ -29,6 +29,8 @@ import math
 from typing import NamedTuple, Sequence
 
 import torch
+
+from fpkern._checks import bcast
 from torch.func import jvp, vjp
 
 from fpkern.ops import fpe_residual
@@ -56,9 +58,6 @@ class GapResult(NamedTuple):
     sde_samples: torch.Tensor
 
 
-def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
-
 
 def _times(ts, sde: LinearSDE) -> torch.Tensor:
     ts = torch.as_tensor(ts, dtype=torch.float64).reshape(-1)
@@ -74,7 +73,7 @@ def perturb(sde: LinearSDE, x0: torch.Tensor, t: float, *,
     tv = torch.full((x0.shape[0],), float(t), dtype=x0.dtype, device=x0.device)
     mean, std = sde.marginal_prob(x0, tv)
     z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-    return mean + _bcast(std, x0) * z, tv
+    return mean + bcast(std, x0) * z, tv
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from fpkern._checks import bcast
+
 from fpkern.ops import exact as _exact
 from fpkern.ops import hutchinson_divergence
 from fpkern.ops.probes import resolve_probes
@@ -50,9 +52,6 @@ class BPDResult(NamedTuple):
     bpd: torch.Tensor
     likelihood: LikelihoodResult
 
-
-def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
 
 
 def log_likelihood(score_fn, sde: LinearSDE, x: torch.Tensor, *, probes=1,
@@ -85,7 +84,7 @@ def log_likelihood(score_fn, sde: LinearSDE, x: torch.Tensor, *, probes=1,
             div_s = _exact.divergence(score_fn, xt, tv)
         else:
             div_s = hutchinson_divergence(score_fn, xt, tv, probes=V)
-        dx = _bcast(f, xt) * xt - 0.5 * _bcast(g2, xt) * s
+        dx = bcast(f, xt) * xt - 0.5 * bcast(g2, xt) * s
         ddelta = D * f - 0.5 * g2 * div_s
         return torch.cat([dx.reshape(B, D), ddelta[:, None]], dim=1)
 

@@ -25,6 +25,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from fpkern._checks import bcast, check_choice
+
 from fpkern.ops import (FORMS, METHODS, PROBE_DISTS, fpe_residual, hutchinson_divergence,
                         projected_residual)
 from fpkern.sde import LinearSDE
@@ -47,14 +49,6 @@ FP_POINTS = ("pert", "x", "random")
 #: forward mode only (fpkern.ops.projected_residual).
 ESTIMATORS = ("vector", "projected")
 
-
-def _choice(name: str, value, valid) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid names: {list(valid)}")
-
-
-def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
 
 
 def sample_time(n: int, *, eps: float, T: float, generator: torch.Generator | None = None,
@@ -93,7 +87,7 @@ class DSMLoss:
     """
 
     def __init__(self, sde: LinearSDE, *, weighting: str = "ll", eps: float = 1e-5):
-        _choice("DSM weighting", weighting, DSM_WEIGHTINGS)
+        check_choice("DSM weighting", weighting, DSM_WEIGHTINGS)
         if not 0 <= eps < sde.T:
             raise ValueError(f"eps must lie in [0, T={sde.T}), got {eps}")
         self.sde, self.weighting, self.eps = sde, weighting, float(eps)
@@ -105,13 +99,13 @@ class DSMLoss:
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype,
                         device=generator.device if generator is not None else x.device).to(x.device)
         mean, std = self.sde.marginal_prob(x, t)
-        return t, mean + _bcast(std, x) * z, z, std
+        return t, mean + bcast(std, x) * z, z, std
 
     def __call__(self, score_fn: ScoreFn, x: torch.Tensor, *,
                  generator: torch.Generator | None = None) -> DSMOutput:
         t, xt, z, std = self.perturb(x, generator=generator)
         s = score_fn(xt, t)
-        err = (s + z / _bcast(std, x)).pow(2).flatten(1).mean(1)
+        err = (s + z / bcast(std, x)).pow(2).flatten(1).mean(1)
         lam = self.sde.g2(t) if self.weighting == "ll" else std ** 2
         return DSMOutput(lam.to(err.dtype) * err, t, xt, z, s)
 
@@ -136,15 +130,15 @@ class FPLoss:
                  method: str = "fused", probes: int = 1, probe_dist: str = "rademacher",
                  batch: int | None = None, data_range: tuple[float, float] | None = None,
                  eps: float = 1e-5, estimator: str = "vector"):
-        _choice("weighting", weighting, WEIGHTINGS)
-        _choice("estimator", estimator, ESTIMATORS)
+        check_choice("weighting", weighting, WEIGHTINGS)
+        check_choice("estimator", estimator, ESTIMATORS)
         if estimator == "projected" and (form != "div" or m != 2 or method != "fused"):
             raise ValueError("estimator 'projected' needs form 'div', m 2 and method 'fused', "
                              f"got form {form!r}, m {m}, method {method!r}")
-        _choice("fp_points", fp_points, FP_POINTS)
-        _choice("form", form, FORMS)
-        _choice("method", method, sorted(METHODS))
-        _choice("probe_dist", probe_dist, sorted(PROBE_DISTS))
+        check_choice("fp_points", fp_points, FP_POINTS)
+        check_choice("form", form, FORMS)
+        check_choice("method", method, sorted(METHODS))
+        check_choice("probe_dist", probe_dist, sorted(PROBE_DISTS))
         if alpha < 0 or beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got {alpha}, {beta}")
         if m <= 0:
@@ -185,7 +179,7 @@ class FPLoss:
             z = torch.randn(x[:n].shape, generator=generator, dtype=x.dtype,
                             device=generator.device if generator is not None else x.device)
             mean, std = self.sde.marginal_prob(x[:n], t)
-            return mean + _bcast(std, mean) * z.to(x.device), t, None
+            return mean + bcast(std, mean) * z.to(x.device), t, None
         if self.fp_points == "x":
             return x[:n], t, None
         lo, hi = self.data_range if self.data_range is not None else (x.min(), x.max())

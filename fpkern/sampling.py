@@ -31,6 +31,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from fpkern._checks import bcast
+
 from fpkern.sde import LinearSDE
 
 __all__ = ["SAMPLERS", "SampleResult", "sample", "time_grid", "odeint_rk45", "ODEResult",
@@ -55,9 +57,6 @@ class ODEResult(NamedTuple):
     rejected: int
 
 
-def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
-
 
 def time_grid(sde: LinearSDE, steps: int, eps: float) -> torch.Tensor:
     """float64 grid of steps + 1 times from sde.T down to eps."""
@@ -81,7 +80,7 @@ def probability_flow_drift(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor,
                            t: torch.Tensor) -> torch.Tensor:
     """f(t) x - 1/2 g(t)^2 s(x, t), the probability-flow ODE's velocity (MATH.md 7)."""
     f, g2 = sde.f(t).to(x.dtype), sde.g2(t).to(x.dtype)
-    return _bcast(f, x) * x - 0.5 * _bcast(g2, x) * score_fn(x, t)
+    return bcast(f, x) * x - 0.5 * bcast(g2, x) * score_fn(x, t)
 
 
 def tweedie_denoise(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, t: float) -> torch.Tensor:

@@ -22,16 +22,12 @@ from typing import Callable
 
 import torch
 
-from fpkern._checks import check_time
+from fpkern._checks import bcast, check_time
 
 __all__ = ["LinearSDE", "VESDE", "VPSDE", "SubVPSDE", "ReverseSDE", "SDES", "get_sde"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-
-def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-sample coefficient [B] so it broadcasts against x [B, ...]."""
-    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
 
 
 class LinearSDE(abc.ABC):
@@ -83,11 +79,11 @@ class LinearSDE(abc.ABC):
     # ---- Score SDE interface ----------------------------------------------------
     def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Drift f(t) x (shape of x) and diffusion g(t) (shape [B])."""
-        return _bcast(self.f(t), x) * x, self.g(t)
+        return bcast(self.f(t), x) * x, self.g(t)
 
     def marginal_prob(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean alpha(t) x_0 (shape of x) and std sigma(t) (shape [B]) of p_t(x_t | x_0)."""
-        return _bcast(self.alpha(t), x) * x, self.sigma(t)
+        return bcast(self.alpha(t), x) * x, self.sigma(t)
 
     def prior_sampling(self, shape, *, generator: torch.Generator | None = None,
                        device=None, dtype=None) -> torch.Tensor:
@@ -136,12 +132,12 @@ class ReverseSDE:
     def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         drift, diffusion = self.forward_sde.sde(x, t)
         score = self.score_fn(x, t)
-        drift = drift - _bcast(diffusion ** 2, x) * score * self._weight()
+        drift = drift - bcast(diffusion ** 2, x) * score * self._weight()
         return drift, torch.zeros_like(diffusion) if self.probability_flow else diffusion
 
     def discretize(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f, G = self.forward_sde.discretize(x, t)
-        rev_f = f - _bcast(G ** 2, x) * self.score_fn(x, t) * self._weight()
+        rev_f = f - bcast(G ** 2, x) * self.score_fn(x, t) * self._weight()
         return rev_f, torch.zeros_like(G) if self.probability_flow else G
 
 
@@ -230,7 +226,7 @@ class VPSDE(LinearSDE):
                                device=t.device, dtype=t.dtype)
         step = (t * (self.N - 1) / self.T).long()
         beta = betas[step]
-        f = _bcast(torch.sqrt(1 - beta), x) * x - x
+        f = bcast(torch.sqrt(1 - beta), x) * x - x
         return f, torch.sqrt(beta)
 
     def _params(self):

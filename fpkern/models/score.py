@@ -18,16 +18,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fpkern._checks import check_batch, check_floating
+from fpkern._checks import bcast, check_batch, check_floating
 from fpkern.sde import LinearSDE, SubVPSDE, VESDE, VPSDE
 
 __all__ = ["ScoreFn", "OUTPUT_TYPES"]
 
 OUTPUT_TYPES = ("score_sde", "noise")
 
-
-def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
 
 
 class ScoreFn(nn.Module):
@@ -96,7 +93,7 @@ class ScoreFn(nn.Module):
         out = self.net(x, labels)
         if self.output_type == "score_sde" and isinstance(self.sde, VESDE):
             return out
-        return -out / _bcast(self.std(t).to(x.dtype), out)
+        return -out / bcast(self.std(t).to(x.dtype), out)
 
     def extra_repr(self) -> str:
         return f"sde={self.sde!r}, continuous={self.continuous}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fpkern._checks import check_batch, check_finite, check_floating
+from fpkern._checks import bcast, check_batch, check_finite, check_floating
 
 __all__ = ["check_inputs", "bcast", "sde_coefficients", "flat_dim"]
 
@@ -20,11 +20,6 @@ def check_inputs(score_fn, x: torch.Tensor, t: torch.Tensor, sde=None) -> None:
         sde.check_time(t)
     else:
         check_finite(t, "t")
-
-
-def bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-sample [B] coefficient viewed to broadcast against x [B, ...]."""
-    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
 
 
 def sde_coefficients(sde, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

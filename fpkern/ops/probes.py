@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fpkern._checks import check_finite
+from fpkern._checks import check_choice, check_finite
 
 __all__ = ["PROBE_DISTS", "draw_probes", "resolve_probes"]
 
@@ -24,10 +24,8 @@ PROBE_DISTS = {"rademacher": _rademacher, "gaussian": _gaussian}
 def draw_probes(k: int, x: torch.Tensor, dist: str = "rademacher",
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """K probes of x's shape, dtype and device: a tensor [K, *x.shape]."""
-    try:
-        sampler = PROBE_DISTS[dist]
-    except KeyError:
-        raise ValueError(f"unknown probe_dist {dist!r}; valid names: {sorted(PROBE_DISTS)}") from None
+    check_choice("probe_dist", dist, PROBE_DISTS)
+    sampler = PROBE_DISTS[dist]
     device = generator.device if generator is not None else x.device
     v = sampler((k,) + tuple(x.shape), generator, x.dtype, device)
     return v.to(x.device)
@@ -36,8 +34,7 @@ def draw_probes(k: int, x: torch.Tensor, dist: str = "rademacher",
 def resolve_probes(probes, x: torch.Tensor, dist: str = "rademacher",
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Probes as given (a tensor [K, *x.shape]) or K drawn from `dist` (an int)."""
-    if dist not in PROBE_DISTS:
-        raise ValueError(f"unknown probe_dist {dist!r}; valid names: {sorted(PROBE_DISTS)}")
+    check_choice("probe_dist", dist, PROBE_DISTS)
     if isinstance(probes, torch.Tensor):
         if not probes.is_floating_point():
             raise TypeError(f"probes must have a floating dtype, got {probes.dtype}")

@@ -19,6 +19,7 @@ import torch
 
 import logging
 
+from fpkern._checks import check_choice
 from fpkern.jet import JetUnsupported
 from fpkern.ops import exact, forward_mode, fused, naive
 from fpkern.ops._common import check_inputs
@@ -70,10 +71,8 @@ def fpe_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str =
                  method: str = "exact", probes=1, probe_dist: str = "rademacher",
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Score-FPE residual of score_fn at (x, t) under `sde`, with x's shape (MATH.md 2)."""
-    if form not in FORMS:
-        raise ValueError(f"unknown form {form!r}; valid names: {list(FORMS)}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid names: {sorted(METHODS)}")
+    check_choice("form", form, FORMS)
+    check_choice("method", method, METHODS)
     check_inputs(score_fn, x, t, sde)
     V = None if method == "exact" else resolve_probes(probes, x, probe_dist, generator)
     if method == "exact":

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from fpkern._checks import check_choice
 from fpkern.losses import DSMLoss, FPLoss
 from fpkern.sde import SDES, VESDE, get_sde
 from fpkern.train import checkpoint as ckpt_io
@@ -149,11 +150,6 @@ def _average_gradients(params, world):
         i += n
 
 
-def _check_choice(name, value, valid):
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid names: {list(valid)}")
-
-
 # ---- the loop ----------------------------------------------------------------------------
 def training_loop(
     *,
@@ -203,7 +199,7 @@ def training_loop(
     """Train a score model with DSM + alpha L_vec + beta L_scalar; see the module docstring."""
     from fpkern.models import ScoreFn
 
-    _check_choice("arch", arch, ARCHS)
+    check_choice("arch", arch, ARCHS)
     d = ARCH_DEFAULTS[arch]
     preset = d["preset"] if preset is None else preset
     sde_name = d.get("sde") if sde is None else sde
@@ -221,7 +217,7 @@ def training_loop(
     num_samples = d["num_samples"] if num_samples is None else int(num_samples)
     sample_steps = d["sample_steps"] if sample_steps is None else int(sample_steps)
     if sde_name is not None:
-        _check_choice("sde", sde_name, sorted(SDES))
+        check_choice("sde", sde_name, sorted(SDES))
     if steps < 0 or batch_size < 1 or fp_every < 1 or ckpt_every < 1 or log_every < 1:
         raise ValueError("steps must be >= 0 and batch_size, fp_every, ckpt_every, log_every >= 1")
     if (arch == "mlp") != is_toy(dataset):
