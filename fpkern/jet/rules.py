@@ -121,9 +121,48 @@ def _linear(func, args, kwargs):
     return _wrap(out, layout)
 
 
-_register(["reshape", "view", "permute", "transpose", "flatten", "unflatten", "unsqueeze",
-           "squeeze", "__getitem__", "contiguous", "clone", "expand", "expand_as", "repeat",
-           "narrow", "flip", "roll", "sum", "mean", "chunk", "split", "unbind", "movedim",
+# Fast paths for the per-sample shape ops and reductions the networks use all the time:
+# the row axis is one more leading axis, so shift the dims instead of vmapping.
+def _shifted_dims(dim):
+    if isinstance(dim, int):
+        return dim + 1 if dim >= 0 else dim
+    return tuple(d + 1 if d >= 0 else d for d in dim)
+
+
+@_register(["reshape", "view"], modules=(torch, torch.Tensor))
+def _reshape(func, args, kwargs):
+    x, shape = args[0], args[1:]
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    if not kwargs and shape and isinstance(shape[0], int) and shape[0] == x.rows.shape[1]:
+        return _wrap(x.rows.reshape((x.rows.shape[0],) + tuple(shape)), x.layout)
+    return _linear(func, args, kwargs)
+
+
+@_register(["sum", "mean"], modules=(torch, torch.Tensor))
+def _reduce(func, args, kwargs):
+    x = args[0]
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    extra = set(kwargs) - {"dim", "keepdim"}
+    if dim is None or extra or len(args) > 3 or (not isinstance(dim, int) and 0 in dim) or dim == 0:
+        return _linear(func, args, kwargs)
+    return _wrap(func(x.rows, dim=_shifted_dims(dim), keepdim=keepdim), x.layout)
+
+
+@_register(["__getitem__"], modules=(torch.Tensor,))
+def _getitem(func, args, kwargs):
+    x, idx = args
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if idx and (idx[0] == slice(None) or idx[0] is Ellipsis) and not any(
+            isinstance(i, torch.Tensor) for i in idx):
+        return _wrap(x.rows[(slice(None),) + idx], x.layout)
+    return _linear(func, args, kwargs)
+
+
+_register(["permute", "transpose", "flatten", "unflatten", "unsqueeze",
+           "squeeze", "contiguous", "clone", "expand", "expand_as", "repeat",
+           "narrow", "flip", "roll", "chunk", "split", "unbind", "movedim",
            "swapaxes", "t", "neg", "__neg__", "negative", "diagonal", "trace", "cumsum",
            "pixel_shuffle", "pixel_unshuffle", "tile", "squeeze_",
            "float", "double", "half", "bfloat16", "type", "avg_pool2d",
@@ -214,6 +253,10 @@ def _broadcast_rows(rows: torch.Tensor, ndim: int) -> torch.Tensor:
 def _sum_rows(a, b, sign: float):
     """a + sign * b where either may be a constant: constants join the value row only."""
     layout = _layout_of([a, b])
+    if isinstance(b, (int, float)) or isinstance(a, (int, float)):   # x + c: only row 0 moves
+        x, c = (a, sign * b) if isinstance(a, Jet) else (b, a)
+        r = x.rows if isinstance(a, Jet) else sign * x.rows
+        return _wrap(torch.cat([(r[0] + c)[None], r[1:]]), layout)
     like = (a if isinstance(a, Jet) else b).rows
     A = a.rows if isinstance(a, Jet) else _lift(a, layout, like)
     B = b.rows if isinstance(b, Jet) else _lift(b, layout, like)
@@ -253,21 +296,26 @@ def _cat(func, args, kwargs):
 
 
 # ---- elementwise nonlinearities ----------------------------------------------------------
+def _cross(L: Layout, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The second-order products of two row stacks, one per second-order row:
+    A_a B_b for each pair (a, b), then mean_k A_k B_k over the collapsed rows."""
+    parts = []
+    if L.pairs:
+        a, b = zip(*L.pairs)
+        parts.append(A[list(a)] * B[list(b)])
+    if L.collapse:
+        k = L.collapse_index
+        parts.append((A[k] * B[k]).mean(0, keepdim=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _elementwise(x: Jet, phi, d1, d2) -> Jet:
     """phi applied to a Jet, given phi(x0), phi'(x0) and phi''(x0)."""
     L, r = x.layout, x.rows
-    parts = [phi[None], d1 * r[1:]]
-    out = torch.cat(parts)
-    if L.pairs or L.collapse:
-        corr = []
-        for a, b in L.pairs:
-            corr.append(d2 * r[a] * r[b])
-        if L.collapse:
-            sq = torch.stack([r[k] * r[k] for k in L.collapse]).mean(0)
-            corr.append(d2 * sq)
-        second = out[L.second] + torch.stack(corr)
-        out = torch.cat([out[:L.second.start], second])
-    return _wrap(out, L)
+    if not (L.pairs or L.collapse):
+        return _wrap(torch.cat([phi[None], d1 * r[1:]]), L)
+    second = d1 * r[L.second] + d2 * _cross(L, r, r)
+    return _wrap(torch.cat([phi[None], d1 * r[L.first], second]), L)
 
 
 def _unary(derivs):
@@ -417,17 +465,16 @@ def _bilinear(op, p, q, layout: Layout) -> torch.Tensor:
 
 
 def _mul_rows(P, Q, layout: Layout):
-    """Elementwise product of row stacks, vectorised over the rows."""
+    """Elementwise product of row stacks (Leibniz rule), vectorised over the rows."""
     nd = max(P.dim(), Q.dim()) - 1
     P, Q = _broadcast_rows(P, nd), _broadcast_rows(Q, nd)
-    out = P * Q[:1] + P[:1] * Q
-    out = torch.cat([(P[0] * Q[0])[None], out[1:]])
-    if layout.pairs or layout.collapse:
-        corr = [P[a] * Q[b] + P[b] * Q[a] for a, b in layout.pairs]
-        if layout.collapse:
-            corr.append(2 * torch.stack([P[k] * Q[k] for k in layout.collapse]).mean(0))
-        out = torch.cat([out[:layout.second.start], out[layout.second] + torch.stack(corr)])
-    return out
+    p0, q0 = P[:1], Q[:1]
+    first = P[layout.first] * q0 + p0 * Q[layout.first]
+    if not (layout.pairs or layout.collapse):
+        return torch.cat([p0 * q0, first])
+    S = layout.second
+    second = P[S] * q0 + p0 * Q[S] + _cross(layout, P, Q) + _cross(layout, Q, P)
+    return torch.cat([p0 * q0, first, second])
 
 
 @_register(["mul", "__mul__", "multiply", "__rmul__", "__imul__"])

@@ -62,6 +62,14 @@ class Layout:
         return 1 + self.n1 + i
 
     @property
+    def collapse_index(self):
+        """The collapsed rows as a slice when contiguous (a view), else a list."""
+        k = self.collapse
+        if list(k) == list(range(k[0], k[0] + len(k))):
+            return slice(k[0], k[0] + len(k))
+        return list(k)
+
+    @property
     def collapsed_row(self) -> int | None:
         return self.rows - 1 if self.collapse else None
 
