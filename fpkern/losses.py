@@ -28,7 +28,7 @@ import torch
 from fpkern._checks import bcast, check_choice
 
 from fpkern.ops import (FORMS, METHODS, PROBE_DISTS, fpe_residual, hutchinson_divergence,
-                        projected_residual)
+                        projected_residual, scalar_fpe_rhs)
 from fpkern.sde import LinearSDE
 
 __all__ = ["DSMLoss", "FPLoss", "DSMOutput", "FPOutput", "sample_time",
@@ -210,9 +210,7 @@ class FPLoss:
             div = hutchinson_divergence(score_fn, y, t, probes=self.probes,
                                         probe_dist=self.probe_dist, generator=generator)
             f, g2 = self.sde.f(t).to(y.dtype), self.sde.g2(t).to(y.dtype)
-            h = (0.5 * g2 * (div + s.flatten(1).pow(2).sum(1))
-                 - f * (y * s).flatten(1).sum(1))
-            scalar = torch.linalg.vector_norm(h)
+            scalar = torch.linalg.vector_norm(scalar_fpe_rhs(y, s, div, f, g2))
         return FPOutput(self.alpha * vec.mean() + self.beta * scalar, vec, scalar)
 
     def __repr__(self) -> str:

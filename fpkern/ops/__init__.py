@@ -1,10 +1,11 @@
 """Score-FPE residual ops and their fused building blocks."""
 
+from fpkern.ops._common import scalar_fpe_rhs
 from fpkern.ops.combine import fpe_combine, fpe_combine_ref, hutchinson_reduce, hutchinson_reduce_ref
 from fpkern.ops.probes import PROBE_DISTS, draw_probes
 from fpkern.ops.residual import (FORMS, METHODS, fpe_residual, hutchinson_divergence, laplacian,
                                  projected_residual)
 
-__all__ = ["fpe_residual", "projected_residual", "hutchinson_divergence", "laplacian", "fpe_combine",
-           "hutchinson_reduce", "fpe_combine_ref", "hutchinson_reduce_ref", "draw_probes",
-           "FORMS", "METHODS", "PROBE_DISTS"]
+__all__ = ["fpe_residual", "projected_residual", "hutchinson_divergence", "laplacian",
+           "scalar_fpe_rhs", "fpe_combine", "hutchinson_reduce", "fpe_combine_ref",
+           "hutchinson_reduce_ref", "draw_probes", "FORMS", "METHODS", "PROBE_DISTS"]

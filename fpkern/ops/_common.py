@@ -6,7 +6,8 @@ import torch
 
 from fpkern._checks import bcast, check_batch, check_finite, check_floating
 
-__all__ = ["check_inputs", "bcast", "sde_coefficients", "flat_dim"]
+__all__ = ["check_inputs", "bcast", "sde_coefficients", "flat_dim", "scalar_fpe_rhs",
+           "div_form_residual"]
 
 
 def check_inputs(score_fn, x: torch.Tensor, t: torch.Tensor, sde=None) -> None:
@@ -29,3 +30,19 @@ def sde_coefficients(sde, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tenso
 
 def flat_dim(x: torch.Tensor) -> int:
     return x[0].numel()
+
+
+def scalar_fpe_rhs(x: torch.Tensor, s: torch.Tensor, div: torch.Tensor, f: torch.Tensor,
+                   g2: torch.Tensor) -> torch.Tensor:
+    """1/2 g^2 (div s + |s|^2) - f <x, s> per sample [B]: the scalar score-FPE right-hand side
+    without -D f (MATH.md sections 2 and 4)."""
+    return 0.5 * g2 * (div + s.flatten(1).pow(2).sum(1)) - f * (x * s).flatten(1).sum(1)
+
+
+def div_form_residual(xg: torch.Tensor, s: torch.Tensor, div: torch.Tensor, dts: torch.Tensor,
+                      f: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """r = d_t s - grad_x [scalar_fpe_rhs] by one reverse pass from the leaf xg (MATH.md 2),
+    with create_graph so a parameter gradient can differentiate through it."""
+    (grad_h,) = torch.autograd.grad(scalar_fpe_rhs(xg, s, div, f, g2).sum(), xg,
+                                    create_graph=True)
+    return dts - grad_h

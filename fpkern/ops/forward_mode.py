@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.func import jvp, vmap
 
-from fpkern.ops._common import bcast, sde_coefficients
+from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
 
 __all__ = ["time_derivative", "directional", "second_directional", "residual"]
 
@@ -61,6 +61,4 @@ def residual(score_fn, x, t, sde, form: str, V: torch.Tensor) -> torch.Tensor:
     _, dts = time_derivative(score_fn, x.detach(), t)
     s, jv = directional(score_fn, xg, t, V)
     div = (V * jv).flatten(2).sum(2).mean(0)
-    h = 0.5 * g2 * (div + s.pow(2).flatten(1).sum(1)) - f * (xg * s).flatten(1).sum(1)
-    (grad_h,) = torch.autograd.grad(h.sum(), xg, create_graph=True)
-    return dts - grad_h
+    return div_form_residual(xg, s, div, dts, f, g2)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from fpkern.jet import Jet, Layout
-from fpkern.ops._common import bcast, sde_coefficients
+from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
 
 __all__ = ["Layout", "jet_pass", "residual", "projected_residual"]
 
@@ -75,9 +75,7 @@ def residual(score_fn, x, t, sde, form: str, V: torch.Tensor) -> torch.Tensor:
     rows = jet_pass(score_fn, xg, t, V, time=True, layout=Layout(n1=K + 1))
     s, jv, dts = rows[0], rows[1:K + 1], rows[K + 1]
     div = (V * jv).flatten(2).sum(2).mean(0)
-    h = 0.5 * g2 * (div + s.pow(2).flatten(1).sum(1)) - f * (xg * s).flatten(1).sum(1)
-    (grad_h,) = torch.autograd.grad(h.sum(), xg, create_graph=True)
-    return dts - grad_h
+    return div_form_residual(xg, s, div, dts, f, g2)
 
 
 def projected_residual(score_fn, x, t, sde, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

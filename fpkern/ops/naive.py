@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fpkern.ops._common import bcast, sde_coefficients
+from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
 
 __all__ = ["HS", "HD", "time_derivative_stencil", "residual", "divergence", "laplacian"]
 
@@ -86,11 +86,7 @@ def residual(score_fn, x, t, sde, form: str, probes: torch.Tensor) -> torch.Tens
     f, g2 = sde_coefficients(sde, t, x)
     dts = time_derivative_stencil(score_fn, x.detach(), t, sde.T)
     if form == "div":
-        div = divergence(s, xg, probes)
-        xs = (xg * s).flatten(1).sum(1)
-        h = 0.5 * g2 * (div + s.pow(2).flatten(1).sum(1)) - f * xs
-        (grad_h,) = torch.autograd.grad(h.sum(), xg, create_graph=True)
-        return dts - grad_h
+        return div_form_residual(xg, s, divergence(s, xg, probes), dts, f, g2)
     c = bcast(g2, x) * s - bcast(f, x) * xg
     jc = _jvp_by_double_vjp(s, xg, c)
     lap = laplacian(s, xg, probes)
