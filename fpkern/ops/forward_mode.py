@@ -15,6 +15,7 @@ import torch
 from torch.func import jvp, vmap
 
 from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
+from fpkern.ops.combine import fpe_combine
 
 __all__ = ["time_derivative", "directional", "second_directional", "residual"]
 
@@ -45,8 +46,6 @@ def second_directional(score_fn, x, t, V):
 
 
 def residual(score_fn, x, t, sde, form: str, V: torch.Tensor) -> torch.Tensor:
-    from fpkern.ops.combine import fpe_combine
-
     f, g2 = sde_coefficients(sde, t, x)
     if form == "laplacian":
         s, dts = time_derivative(score_fn, x, t)

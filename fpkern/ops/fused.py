@@ -26,6 +26,7 @@ import torch
 
 from fpkern.jet import Jet, Layout
 from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
+from fpkern.ops.combine import fpe_combine
 
 __all__ = ["Layout", "jet_pass", "residual", "projected_residual"]
 
@@ -63,8 +64,6 @@ def _jvp(score_fn, x, t, c):
 
 
 def residual(score_fn, x, t, sde, form: str, V: torch.Tensor) -> torch.Tensor:
-    from fpkern.ops.combine import fpe_combine
-
     f, g2 = sde_coefficients(sde, t, x)
     if form == "laplacian":
         s, _, dts, lap = _laplacian_terms(score_fn, x, t, V)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
+from fpkern.ops.combine import fpe_combine
 
 __all__ = ["HS", "HD", "time_derivative_stencil", "residual", "divergence", "laplacian"]
 
@@ -79,8 +80,6 @@ def laplacian(s: torch.Tensor, x: torch.Tensor, probes: torch.Tensor) -> torch.T
 
 
 def residual(score_fn, x, t, sde, form: str, probes: torch.Tensor) -> torch.Tensor:
-    from fpkern.ops.combine import fpe_combine
-
     xg = x.detach().requires_grad_(True)   # a new leaf: the caller's x is left alone
     s = score_fn(xg, t)
     f, g2 = sde_coefficients(sde, t, x)

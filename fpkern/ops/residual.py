@@ -74,9 +74,11 @@ def fpe_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str =
     check_choice("form", form, FORMS)
     check_choice("method", method, METHODS)
     check_inputs(score_fn, x, t, sde)
-    V = None if method == "exact" else resolve_probes(probes, x, probe_dist, generator)
     if method == "exact":
-        resolve_probes(probes, x, probe_dist)  # still validated, then ignored
+        resolve_probes(probes, x, probe_dist)     # validated like the others, then ignored
+        V = None
+    else:
+        V = resolve_probes(probes, x, probe_dist, generator)
     return METHODS[method](score_fn, x, t, sde, form, V)
 
 
