@@ -198,7 +198,8 @@ class FPLoss:
                                       probe_dist=self.probe_dist, generator=generator).pow(2)
         elif self.alpha > 0:
             r = fpe_residual(score_fn, y, t, self.sde, form=self.form, method=self.method,
-                             probes=self.probes, probe_dist=self.probe_dist, generator=generator)
+                             probes=self.probes, probe_dist=self.probe_dist, generator=generator,
+                             score=s)
             norm = r.flatten(1).pow(2).sum(1)
             norm = norm if self.m == 2 else norm.sqrt() ** self.m
         if self.alpha > 0:

@@ -48,18 +48,18 @@ def _with_jets(jet_fn, generic_fn, score_fn):
 FORMS = ("div", "laplacian")
 
 
-def _exact(score_fn, x, t, sde, form, probes):
+def _exact(score_fn, x, t, sde, form, probes, score=None):
     return exact.residual(score_fn, x, t, sde, form)
 
 
-def _naive(score_fn, x, t, sde, form, probes):
+def _naive(score_fn, x, t, sde, form, probes, score=None):
     with torch.enable_grad():
         return naive.residual(score_fn, x, t, sde, form, probes)
 
 
-def _fused(score_fn, x, t, sde, form, probes):
+def _fused(score_fn, x, t, sde, form, probes, score=None):
     with torch.enable_grad():
-        return _with_jets(lambda: fused.residual(score_fn, x, t, sde, form, probes),
+        return _with_jets(lambda: fused.residual(score_fn, x, t, sde, form, probes, score),
                           lambda: forward_mode.residual(score_fn, x, t, sde, form, probes),
                           score_fn)
 
@@ -69,8 +69,14 @@ METHODS = {"exact": _exact, "naive": _naive, "fused": _fused}
 
 def fpe_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str = "div",
                  method: str = "exact", probes=1, probe_dist: str = "rademacher",
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Score-FPE residual of score_fn at (x, t) under `sde`, with x's shape (MATH.md 2)."""
+                 generator: torch.Generator | None = None,
+                 score: torch.Tensor | None = None) -> torch.Tensor:
+    """Score-FPE residual of score_fn at (x, t) under `sde`, with x's shape (MATH.md 2).
+
+    `score`: score_fn(x, t) if the caller already computed it (the DSM forward at the same
+    points); the fused laplacian form then runs one jet pass instead of two. Other methods
+    and forms recompute it.
+    """
     check_choice("form", form, FORMS)
     check_choice("method", method, METHODS)
     check_inputs(score_fn, x, t, sde)
@@ -79,7 +85,9 @@ def fpe_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str =
         V = None
     else:
         V = resolve_probes(probes, x, probe_dist, generator)
-    return METHODS[method](score_fn, x, t, sde, form, V)
+    if score is not None and score.shape != x.shape:
+        raise ValueError(f"score must have x's shape {tuple(x.shape)}, got {tuple(score.shape)}")
+    return METHODS[method](score_fn, x, t, sde, form, V, score)
 
 
 def hutchinson_divergence(score_fn, x: torch.Tensor, t: torch.Tensor, *, probes=1,
