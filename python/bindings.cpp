@@ -1,115 +1,13 @@
-// pybind11 glue for fpkern._C: checks buffer shapes and forwards raw pointers to csrc/.
+// pybind11 module fpkern._C: each kernel family binds itself (python/bind_*.cpp).
 // Arrays arrive as NumPy views of contiguous CPU tensors (zero copy); outputs are
 // preallocated by the caller and written in place.
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
-
-#include <string>
-
-#include "fpe_kernels.h"
-
-namespace py = pybind11;
-
-namespace {
-
-template <typename T>
-using Arr = py::array_t<T, py::array::c_style>;
-
-template <typename T>
-void require(const Arr<T>& a, std::initializer_list<py::ssize_t> shape, const char* name) {
-  if (static_cast<size_t>(a.ndim()) != shape.size()) {
-    throw py::value_error(std::string(name) + ": expected " + std::to_string(shape.size()) +
-                          " dimensions, got " + std::to_string(a.ndim()));
-  }
-  size_t i = 0;
-  for (py::ssize_t n : shape) {
-    if (a.shape(i) != n) {
-      throw py::value_error(std::string(name) + ": dimension " + std::to_string(i) + " is " +
-                            std::to_string(a.shape(i)) + ", expected " + std::to_string(n));
-    }
-    ++i;
-  }
-}
-
-template <typename T>
-T* wptr(Arr<T>& a, const char* name) {
-  if (!a.writeable()) throw py::value_error(std::string(name) + ": output is read-only");
-  return a.mutable_data();
-}
-
-template <typename T>
-void combine_fwd(Arr<T> dts, Arr<T> second, Arr<T> jc, Arr<T> s, Arr<T> g2, Arr<T> f,
-                 Arr<T> out) {
-  const py::ssize_t rows = dts.shape(0), cols = dts.ndim() == 2 ? dts.shape(1) : -1;
-  require(dts, {rows, cols}, "dts");
-  require(second, {rows, cols}, "second");
-  require(jc, {rows, cols}, "jc");
-  require(s, {rows, cols}, "s");
-  require(g2, {rows}, "g2");
-  require(f, {rows}, "f");
-  require(out, {rows, cols}, "out");
-  T* o = wptr(out, "out");
-  py::gil_scoped_release nogil;
-  fpkern::fpe_combine_forward<T>(dts.data(), second.data(), jc.data(), s.data(), g2.data(),
-                                 f.data(), rows, cols, o);
-}
-
-template <typename T>
-void combine_bwd(Arr<T> go, Arr<T> second, Arr<T> s, Arr<T> g2, Arr<T> f, Arr<T> d_dts,
-                 Arr<T> d_second, Arr<T> d_jc, Arr<T> d_s, Arr<T> d_g2, Arr<T> d_f) {
-  const py::ssize_t rows = go.shape(0), cols = go.ndim() == 2 ? go.shape(1) : -1;
-  require(go, {rows, cols}, "grad_out");
-  require(second, {rows, cols}, "second");
-  require(s, {rows, cols}, "s");
-  require(g2, {rows}, "g2");
-  require(f, {rows}, "f");
-  for (auto* a : {&d_dts, &d_second, &d_jc, &d_s}) require(*a, {rows, cols}, "grad buffer");
-  require(d_g2, {rows}, "grad g2");
-  require(d_f, {rows}, "grad f");
-  T *a = wptr(d_dts, "d_dts"), *b = wptr(d_second, "d_second"), *c = wptr(d_jc, "d_jc"),
-    *d = wptr(d_s, "d_s"), *e = wptr(d_g2, "d_g2"), *h = wptr(d_f, "d_f");
-  py::gil_scoped_release nogil;
-  fpkern::fpe_combine_backward<T>(go.data(), second.data(), s.data(), g2.data(), f.data(), rows,
-                                  cols, a, b, c, d, e, h);
-}
-
-template <typename T>
-void hutch_fwd(Arr<T> v, Arr<T> jv, Arr<T> out) {
-  if (v.ndim() != 3) throw py::value_error("v: expected 3 dimensions (K, rows, cols)");
-  const py::ssize_t K = v.shape(0), rows = v.shape(1), cols = v.shape(2);
-  require(jv, {K, rows, cols}, "jv");
-  require(out, {rows}, "out");
-  T* o = wptr(out, "out");
-  py::gil_scoped_release nogil;
-  fpkern::hutchinson_forward<T>(v.data(), jv.data(), K, rows, cols, o);
-}
-
-template <typename T>
-void hutch_bwd(Arr<T> go, Arr<T> v, Arr<T> jv, Arr<T> d_v, Arr<T> d_jv) {
-  if (v.ndim() != 3) throw py::value_error("v: expected 3 dimensions (K, rows, cols)");
-  const py::ssize_t K = v.shape(0), rows = v.shape(1), cols = v.shape(2);
-  require(go, {rows}, "grad_out");
-  require(jv, {K, rows, cols}, "jv");
-  require(d_v, {K, rows, cols}, "d_v");
-  require(d_jv, {K, rows, cols}, "d_jv");
-  T *a = wptr(d_v, "d_v"), *b = wptr(d_jv, "d_jv");
-  py::gil_scoped_release nogil;
-  fpkern::hutchinson_backward<T>(go.data(), v.data(), jv.data(), K, rows, cols, a, b);
-}
-
-}  // namespace
+#include "common.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fpkern CPU kernels (float32 and float64; contiguous buffers)";
-  // Overloads are tried in order; py::array_t without forcecast matches the exact dtype.
-  m.def("fpe_combine_forward", &combine_fwd<float>);
-  m.def("fpe_combine_forward", &combine_fwd<double>);
-  m.def("fpe_combine_backward", &combine_bwd<float>);
-  m.def("fpe_combine_backward", &combine_bwd<double>);
-  m.def("hutchinson_forward", &hutch_fwd<float>);
-  m.def("hutchinson_forward", &hutch_fwd<double>);
-  m.def("hutchinson_backward", &hutch_bwd<float>);
-  m.def("hutchinson_backward", &hutch_bwd<double>);
+  fpkern_py::bind_combine(m);
+  fpkern_py::bind_jet_act(m);
+  fpkern_py::bind_group_norm_jet(m);
 #if defined(FPKERN_WITH_OPENMP)
   m.attr("with_openmp") = true;
 #else
