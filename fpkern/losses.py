@@ -13,10 +13,10 @@ per-sample vector term and the batch-level scalar term; the training loop reduce
     loss = d.loss.mean() + f.loss
 
 Sharing with the DSM forward (fp_points='pert'): the FP terms use the DSM term's t and
-x_t, and the scalar term reuses its score s (only the Hutchinson divergence costs a new
-network pass). The residual itself (method 'fused' / 'exact' / 'naive') recomputes s
-inside its own derivative passes, so the sharing is partial; fusing that forward with the
-DSM one is left to the engine.
+x_t, and reuse its score s. With form 'laplacian' and method 'fused' both terms come from
+one jet pass (s fixes its transport direction) and one fused kernel (fpkern.ops.fpe_terms),
+the divergence of the scalar term included. Otherwise the residual recomputes s inside its
+own derivative passes and the scalar term's Hutchinson divergence costs one more pass.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 
 from fpkern._checks import bcast, check_choice
 
-from fpkern.ops import (FORMS, METHODS, PROBE_DISTS, fpe_residual, hutchinson_divergence,
-                        projected_residual, scalar_fpe_rhs)
+from fpkern.ops import (FORMS, METHODS, PROBE_DISTS, fpe_residual, fpe_terms,
+                        hutchinson_divergence, projected_residual, scalar_fpe_rhs)
 from fpkern.sde import LinearSDE
 
 __all__ = ["DSMLoss", "FPLoss", "DSMOutput", "FPOutput", "sample_time",
@@ -193,6 +193,14 @@ class FPLoss:
         D = y[0].numel()
         zero = y.new_zeros(())
         vec = y.new_zeros(y.shape[0])
+        if self.form == "laplacian" and self.method == "fused" and self.alpha > 0:
+            # One jet pass and one fused kernel give both terms (fpkern.ops.fpe_terms).
+            w = self.weight(t).to(y.dtype) / D ** self.m
+            terms = fpe_terms(score_fn, y, t, self.sde, weight=w, m=self.m, probes=self.probes,
+                              probe_dist=self.probe_dist, generator=generator, score=s)
+            scalar = torch.linalg.vector_norm(terms.scalar) if self.beta > 0 else zero
+            return FPOutput(self.alpha * terms.loss.mean() + self.beta * scalar, terms.loss,
+                            scalar)
         if self.alpha > 0 and self.estimator == "projected":
             norm = projected_residual(score_fn, y, t, self.sde, probes=self.probes,
                                       probe_dist=self.probe_dist, generator=generator).pow(2)

@@ -6,6 +6,7 @@
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fpkern CPU kernels (float32 and float64; contiguous buffers)";
   fpkern_py::bind_combine(m);
+  fpkern_py::bind_fpe_terms(m);
   fpkern_py::bind_jet_act(m);
   fpkern_py::bind_group_norm_jet(m);
 #if defined(FPKERN_WITH_OPENMP)

@@ -39,6 +39,7 @@ T* wptr(Arr<T>& a, const char* name) {
 
 // One binder per kernel family (python/bind_*.cpp), called from bindings.cpp.
 void bind_combine(py::module_& m);
+void bind_fpe_terms(py::module_& m);
 void bind_jet_act(py::module_& m);
 void bind_group_norm_jet(py::module_& m);
 

@@ -73,6 +73,21 @@ class Layout:
     def collapsed_row(self) -> int | None:
         return self.rows - 1 if self.collapse else None
 
+    @property
+    def kernel_spec(self) -> tuple[int, tuple[int, ...], tuple[int, ...], int, int] | None:
+        """The layout as fused jet kernels take it: (n1, pair_a, pair_b, c0, nc).
+
+        Rows: 0 value, 1..n1 first order, then one row per pair (pair_a[j], pair_b[j]), then
+        (when nc > 0) the collapsed row averaging d^2 over rows c0 .. c0 + nc - 1. None when
+        the collapsed rows are not contiguous (kernels then leave the rule to torch).
+        """
+        if self.collapse and not isinstance(self.collapse_index, slice):
+            return None
+        a = tuple(p[0] for p in self.pairs)
+        b = tuple(p[1] for p in self.pairs)
+        c0 = self.collapse[0] if self.collapse else 0
+        return self.n1, a, b, c0, len(self.collapse)
+
 
 class Jet(torch.Tensor):
     """A torch.Tensor subclass whose value is ``rows[0]`` and which carries all its rows.

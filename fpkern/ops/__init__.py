@@ -2,10 +2,14 @@
 
 from fpkern.ops._common import scalar_fpe_rhs
 from fpkern.ops.combine import fpe_combine, fpe_combine_ref, hutchinson_reduce, hutchinson_reduce_ref
+from fpkern.ops.fpe_terms import combine_terms, combine_terms_ref
+from fpkern.ops.jet_act import jet_act, jet_act_ref
 from fpkern.ops.probes import PROBE_DISTS, draw_probes
-from fpkern.ops.residual import (FORMS, METHODS, fpe_residual, hutchinson_divergence, laplacian,
-                                 projected_residual)
+from fpkern.ops.residual import (FORMS, METHODS, FPETerms, fpe_residual, fpe_terms,
+                                 hutchinson_divergence, laplacian, projected_residual)
 
-__all__ = ["fpe_residual", "projected_residual", "hutchinson_divergence", "laplacian",
-           "scalar_fpe_rhs", "fpe_combine", "hutchinson_reduce", "fpe_combine_ref",
-           "hutchinson_reduce_ref", "draw_probes", "FORMS", "METHODS", "PROBE_DISTS"]
+__all__ = ["fpe_residual", "fpe_terms", "FPETerms", "projected_residual",
+           "hutchinson_divergence", "laplacian", "scalar_fpe_rhs", "fpe_combine",
+           "hutchinson_reduce", "combine_terms", "jet_act", "fpe_combine_ref",
+           "hutchinson_reduce_ref", "combine_terms_ref", "jet_act_ref", "draw_probes", "FORMS",
+           "METHODS", "PROBE_DISTS"]

@@ -7,8 +7,12 @@ The network runs on Jets (fpkern.jet): its input x carries the rows
 and t carries t, 0 .. 0, 1, 0, so one pass returns s, J v_k, d_t s and 1/K sum_k D^2_{v_k} s,
 every linear layer running once over all rows (MATH.md sections 2-3, no time stencil).
 
-- form "laplacian": r_c = d_t s - 1/2 g^2 Lap_V s - J c + f s; J c is a second, two-row
-  pass (c depends on s). Forward mode only.
+- form "laplacian": r_c = d_t s - 1/2 g^2 Lap_V s - J c + f s. d_t s - J c is one
+  directional derivative of s(x, t), along (x, t)-tangent (-c, 1): with the score known
+  beforehand (the DSM forward's), one pass with rows x, v_1..v_K, (-c, 1), collapsed gives
+  everything, and fpkern.ops.fpe_terms.combine_terms turns the rows into the residual, the
+  Hutchinson divergence, the weighted loss and the scalar FPE term in one kernel (terms()).
+  Without it, J c is a second, two-row pass (c depends on s). Forward mode only.
 - form "div": r = d_t s - grad_x[1/2 g^2 (div_V s + |s|^2) - f <x, s>]: the jet pass gives
   div_V s, then one reverse pass over the jet graph gives the gradient.
 - projected_residual: u . r for a direction u per sample, forward mode only. Every term is a
@@ -27,21 +31,24 @@ import torch
 from fpkern.jet import Jet, Layout
 from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
 from fpkern.ops.combine import fpe_combine
+from fpkern.ops.fpe_terms import combine_terms
 
-__all__ = ["Layout", "jet_pass", "residual", "projected_residual"]
+__all__ = ["Layout", "jet_pass", "residual", "terms", "projected_residual"]
 
 
 def jet_pass(score_fn, x: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor, *,
-             time: bool, layout: Layout) -> torch.Tensor:
+             time: bool, layout: Layout, t_tangents: torch.Tensor | None = None) -> torch.Tensor:
     """Run score_fn on Jets: first-order x rows = tangents (then a time row if `time`).
 
+    `t_tangents` [n, B]: the t-components of those first-order rows (default 0).
     Returns the output rows [layout.rows, *x.shape].
     """
     n_x = tangents.shape[0]
     x_rows = torch.cat([x[None], tangents,
                         x.new_zeros((layout.rows - 1 - n_x,) + tuple(x.shape))])
     zero, one = torch.zeros_like(t), torch.ones_like(t)
-    t_rows = [t] + [zero] * n_x + ([one] if time else [])
+    t_first = list(t_tangents) if t_tangents is not None else [zero] * n_x
+    t_rows = [t] + t_first + ([one] if time else [])
     t_rows = torch.stack(t_rows + [zero] * (layout.rows - len(t_rows)))
     out = score_fn(Jet(x_rows, layout), Jet(t_rows, layout))
     if not isinstance(out, Jet):
@@ -50,15 +57,33 @@ def jet_pass(score_fn, x: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor,
     return out.rows
 
 
-def _laplacian_terms(score_fn, x, t, V, c=None):
-    """s, d_t s, 1/K sum_k D^2_{v_k} s and, when the direction c is given, J c: one pass."""
+def _laplacian_terms(score_fn, x, t, V):
+    """s, d_t s and 1/K sum_k D^2_{v_k} s: one pass."""
     K = V.shape[0]
-    extra = 0 if c is None else 1
-    layout = Layout(n1=K + 1 + extra, collapse=tuple(range(1, K + 1)))
-    tangents = V if c is None else torch.cat([V, c[None]])
-    rows = jet_pass(score_fn, x, t, tangents, time=True, layout=layout)
-    jc = None if c is None else rows[K + 1]
-    return rows[0], rows[K + 1 + extra], rows[-1], jc
+    layout = Layout(n1=K + 1, collapse=tuple(range(1, K + 1)))
+    rows = jet_pass(score_fn, x, t, V, time=True, layout=layout)
+    return rows[0], rows[K + 1], rows[-1]
+
+
+def _transport_terms(score_fn, x, t, V, c):
+    """s, [J v_k]_k, d_t s - J c and 1/K sum_k D^2_{v_k} s: one pass, the transport row
+    being the derivative along the (x, t)-tangent (-c, 1)."""
+    K = V.shape[0]
+    layout = Layout(n1=K + 1, collapse=tuple(range(1, K + 1)))
+    t_tan = torch.zeros((K + 1,) + tuple(t.shape), dtype=t.dtype, device=t.device)
+    t_tan[K] = 1
+    rows = jet_pass(score_fn, x, t, torch.cat([V, -c[None]]), time=False, layout=layout,
+                    t_tangents=t_tan)
+    return rows[0], rows[1:K + 1], rows[K + 1], rows[-1]
+
+
+def terms(score_fn, x, t, sde, V, score, weight, m: float):
+    """(r, div, loss, h) of the laplacian form (fpkern.ops.fpe_terms.combine_terms) from one
+    jet pass; `score` = score_fn(x, t), which fixes the direction c = g^2 s - f x."""
+    f, g2 = sde_coefficients(sde, t, x)
+    c = bcast(g2, x) * score - bcast(f, x) * x
+    s, jv, w, lap = _transport_terms(score_fn, x, t, V, c)
+    return combine_terms(V, jv, w, lap, s, x, g2, f, weight, m)
 
 
 def _jvp(score_fn, x, t, c):
@@ -69,14 +94,12 @@ def _jvp(score_fn, x, t, c):
 def residual(score_fn, x, t, sde, form: str, V: torch.Tensor,
              score: torch.Tensor | None = None) -> torch.Tensor:
     """The residual of `form`; `score` = score_fn(x, t) when the caller has it already: the
-    laplacian form then needs one jet pass (J c rides along) instead of two."""
+    laplacian form then needs one jet pass (the transport row) instead of two."""
     f, g2 = sde_coefficients(sde, t, x)
     if form == "laplacian":
         if score is not None:
-            c = bcast(g2, x) * score - bcast(f, x) * x
-            s, dts, lap, jc = _laplacian_terms(score_fn, x, t, V, c)
-            return fpe_combine(dts, lap, jc, s, g2, f)
-        s, dts, lap, _ = _laplacian_terms(score_fn, x, t, V)
+            return terms(score_fn, x, t, sde, V, score, torch.ones_like(g2), 2.0)[0]
+        s, dts, lap = _laplacian_terms(score_fn, x, t, V)
         c = bcast(g2, x) * s - bcast(f, x) * x
         return fpe_combine(dts, lap, _jvp(score_fn, x, t, c), s, g2, f)
     K = V.shape[0]

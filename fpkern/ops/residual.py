@@ -15,19 +15,21 @@ score_fn; the caller's tensors are never modified.
 
 from __future__ import annotations
 
-import torch
-
 import logging
+from typing import NamedTuple
+
+import torch
 
 from fpkern._checks import check_choice
 from fpkern.jet import JetUnsupported
 from fpkern.ops import exact, forward_mode, fused, naive
-from fpkern.ops._common import check_inputs
+from fpkern.ops._common import bcast, check_inputs, sde_coefficients
 from fpkern.ops.combine import hutchinson_reduce
+from fpkern.ops.fpe_terms import combine_terms
 from fpkern.ops.probes import resolve_probes
 
-__all__ = ["FORMS", "METHODS", "fpe_residual", "projected_residual", "hutchinson_divergence",
-           "laplacian"]
+__all__ = ["FORMS", "METHODS", "FPETerms", "fpe_residual", "fpe_terms", "projected_residual",
+           "hutchinson_divergence", "laplacian"]
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -44,6 +46,7 @@ def _with_jets(jet_fn, generic_fn, score_fn):
             _warned.add(key)
             log.warning("fused: %s; using the generic torch.func path (slower)", exc)
         return generic_fn()
+
 
 FORMS = ("div", "laplacian")
 
@@ -88,6 +91,53 @@ def fpe_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str =
     if score is not None and score.shape != x.shape:
         raise ValueError(f"score must have x's shape {tuple(x.shape)}, got {tuple(score.shape)}")
     return METHODS[method](score_fn, x, t, sde, form, V, score)
+
+
+class FPETerms(NamedTuple):
+    """Everything the FP regulariser needs at (x, t), from one pass (fpe_terms)."""
+
+    residual: torch.Tensor     # r_c, the laplacian-form residual, shape of x
+    divergence: torch.Tensor   # [B] Hutchinson divergence of s
+    loss: torch.Tensor         # [B] weight |r_c|^m
+    scalar: torch.Tensor       # [B] 1/2 g^2 (div s + |s|^2) - f <x, s>
+
+
+def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *,
+              weight: torch.Tensor | None = None, m: float = 2.0, probes=1,
+              probe_dist: str = "rademacher", generator: torch.Generator | None = None,
+              score: torch.Tensor | None = None) -> FPETerms:
+    """The laplacian-form residual, divergence, weighted loss and scalar FPE term together
+    (MATH.md 2-4), exact directional derivatives along the probes (method "fused").
+
+    One jet pass with rows x, v_1..v_K, (-c, 1) and the collapsed second order, then one
+    fused kernel (fpkern.ops.fpe_terms). `score`: score_fn(x, t) if the caller has it (the
+    DSM forward's); otherwise it costs one plain forward first. `weight` [B] multiplies
+    |r|^m (default 1). A score_fn without jet rules runs the generic torch.func path.
+    """
+    check_inputs(score_fn, x, t, sde)
+    V = resolve_probes(probes, x, probe_dist, generator)
+    if score is not None and score.shape != x.shape:
+        raise ValueError(f"score must have x's shape {tuple(x.shape)}, got {tuple(score.shape)}")
+    if weight is None:
+        weight = x.new_ones(x.shape[0])
+    elif weight.shape != (x.shape[0],):
+        raise ValueError(f"weight must have shape [B] = ({x.shape[0]},), got {tuple(weight.shape)}")
+    weight = weight.to(x.dtype)
+
+    def generic():
+        from torch.func import jvp
+        f, g2 = sde_coefficients(sde, t, x)
+        s, dts = forward_mode.time_derivative(score_fn, x, t)
+        jv, d2 = forward_mode.second_directional(score_fn, x, t, V)
+        c = bcast(g2, x) * (s if score is None else score) - bcast(f, x) * x
+        _, jc = jvp(lambda y: score_fn(y, t), (x,), (c,))
+        return combine_terms(V, jv, dts - jc, d2.mean(0), s, x, g2, f, weight, m)
+
+    with torch.enable_grad():
+        s = score if score is not None else score_fn(x, t)
+        out = _with_jets(lambda: fused.terms(score_fn, x, t, sde, V, s, weight, m), generic,
+                         score_fn)
+    return FPETerms(*out)
 
 
 def hutchinson_divergence(score_fn, x: torch.Tensor, t: torch.Tensor, *, probes=1,

@@ -5,7 +5,7 @@ import torch
 
 from fpkern.data.mixture import GaussianMixture
 from fpkern.models import MLP, ScoreFn, from_preset
-from fpkern.ops import forward_mode, fpe_residual, projected_residual
+from fpkern.ops import forward_mode, fpe_residual, fpe_terms, projected_residual, scalar_fpe_rhs
 from fpkern.sde import SubVPSDE, VESDE, VPSDE
 from tests.ops import reference
 
@@ -157,3 +157,75 @@ def test_a_known_score_gives_the_same_laplacian_residual_in_one_pass(kind, gen):
     with pytest.raises(ValueError, match="score must have x's shape"):
         fpe_residual(score_fn, x, t, sde, form="laplacian", method="fused", probes=V,
                      score=x[:2])
+
+
+@pytest.mark.parametrize("kind", ["mixture", "mlp", "ncsnpp"])
+@pytest.mark.parametrize("name", SDES)
+def test_fpe_terms_in_float32_match_float64_definitions(kind, name, gen):
+    """One jet pass with the transport row (-c, 1) and one fused kernel: r, div, loss and h
+    against float64 forward-mode references with the same probes."""
+    sde = SDES[name]
+    score64, shape = _model(kind, sde)
+    B = len(TIMES)
+    x = torch.randn((B,) + shape, generator=gen, dtype=F64)
+    t = torch.tensor(TIMES, dtype=F64)
+    V = torch.randn((2, B) + shape, generator=gen, dtype=F64)
+    weight = torch.rand(B, generator=gen, dtype=F64) + 0.5
+    r64 = forward_mode.residual(score64, x, t, sde, "laplacian", V).detach()
+    s64, jv64 = forward_mode.directional(score64, x, t, V)
+    div64 = (V * jv64).flatten(2).sum(2).mean(0)
+    f, g2 = sde.f(t), sde.g2(t)
+    h64 = scalar_fpe_rhs(x, s64, div64, f, g2).detach()
+    score32 = _as32(score64)
+    x32 = x.float()
+    got = fpe_terms(score32, x32, t.float(), sde, weight=weight.float(), m=2, probes=V.float(),
+                    score=score32(x32, t.float()))
+    assert got.residual.dtype == torch.float32
+
+    def rel(a, b):
+        return ((a.double() - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).max()
+
+    assert rel(got.residual, r64) < 1e-4
+    assert rel(got.loss[:, None], (weight * r64.flatten(1).pow(2).sum(1))[:, None]) < 2e-4
+    scale = (g2 * (div64.abs() + s64.flatten(1).pow(2).sum(1))
+             + (f[:, None] * (x * s64).flatten(1)).abs().sum(1))
+    assert ((got.divergence.double() - div64).abs() / (div64.abs() + 1e-3 * scale)).max() < 1e-3
+    assert ((got.scalar.double() - h64).abs() / scale).max() < 1e-4
+
+
+def test_fpe_terms_parameter_gradients_match_the_exact_method(gen):
+    sde = SDES["vp"]
+    net = ScoreFn(MLP(2, width=32, depth=2), sde).double()
+    x = torch.randn(4, 2, generator=gen, dtype=F64)
+    t = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=F64)
+    V = torch.randn(2, 4, 2, generator=gen, dtype=F64)
+    w = torch.rand(4, generator=gen, dtype=F64)
+    params = [p for p in net.parameters() if p.requires_grad]
+    for m in (2.0, 1.5):
+        terms = fpe_terms(net, x, t, sde, weight=w, m=m, probes=V, score=net(x, t))
+        got = torch.autograd.grad(terms.loss.sum() + terms.scalar.pow(2).sum(), params)
+        r = reference.residual(net, x, t, sde, "laplacian", probes=V)
+        s, jv = forward_mode.directional(net, x, t, V)
+        div = (V * jv).flatten(2).sum(2).mean(0)
+        h = scalar_fpe_rhs(x, s, div, sde.f(t), sde.g2(t))
+        want = torch.autograd.grad((w * r.flatten(1).pow(2).sum(1).pow(m / 2)).sum()
+                                   + h.pow(2).sum(), params)
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=1e-8, atol=1e-10 * b.abs().max().item())
+
+
+def test_fpe_terms_without_a_score_or_jet_rules(gen, caplog):
+    sde = SDES["ve"]
+    score_fn, shape = _model("mixture", sde)
+    x = torch.randn((3,) + shape, generator=gen, dtype=F64)
+    t = torch.tensor([0.01, 0.3, 1.0], dtype=F64)
+    V = torch.randn((2, 3) + shape, generator=gen, dtype=F64)
+    a = fpe_terms(score_fn, x, t, sde, probes=V, score=score_fn(x, t))
+    b = fpe_terms(score_fn, x, t, sde, probes=V)
+    plain = lambda y, tt: score_fn(y, tt) * torch.ones_like(y).clamp(max=2)  # noqa: E731
+    with caplog.at_level("WARNING"):
+        c = fpe_terms(plain, x, t, sde, probes=V)
+    for u, v, w in zip(a, b, c):
+        assert torch.allclose(u, v, rtol=1e-12) and torch.allclose(u, w, rtol=1e-10)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fpe_terms(score_fn, x, t, sde, probes=V, weight=t[:2])

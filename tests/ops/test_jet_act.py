@@ -1,0 +1,126 @@
+"""The fused activation jet rule: reference against nested jvp, every backend against it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import jvp
+
+from fpkern import backend
+from fpkern.jet import Layout
+from fpkern.ops.jet_act import ACTS, jet_act, jet_act_ref
+
+F64 = torch.float64
+LAYOUTS = {
+    "first": Layout(n1=3),
+    "collapsed": Layout(n1=3, collapse=(1, 2)),
+    "pairs": Layout(n1=3, pairs=((1, 3), (2, 3), (2, 2)), collapse=(1, 2)),
+    "laplacian": Layout(n1=4, collapse=(1, 2)),
+}
+FN = {"silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}   # rows ~ 2 randn
+
+
+def _backends():
+    out = ["torch", "cpp"]
+    if backend.available("triton", "cuda" if torch.cuda.is_available() else "cpu"):
+        out.append("triton")
+    return out
+
+
+def _device(name):
+    return "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def _rows(layout, shape, gen, dtype=F64):
+    return (2 * torch.randn((layout.rows,) + shape, generator=gen, dtype=F64)).to(dtype)
+
+
+def _nested_jvp_rows(fn, rows, layout):
+    """The jet of fn by nested torch.func.jvp, with the input's own second-order rows."""
+    x = rows[0]
+    lin = lambda r: jvp(fn, (x,), (r,))[1]                                          # noqa: E731
+    hess = lambda a, b: jvp(lambda y: jvp(fn, (y,), (a,))[1], (x,), (b,))[1]        # noqa: E731
+    out = [fn(x)] + [lin(rows[i]) for i in range(1, 1 + layout.n1)]
+    for j, (a, b) in enumerate(layout.pairs):
+        out.append(lin(rows[layout.pair_row(j)]) + hess(rows[a], rows[b]))
+    if layout.collapse:
+        sq = torch.stack([hess(rows[k], rows[k]) for k in layout.collapse]).mean(0)
+        out.append(lin(rows[-1]) + sq)
+    return torch.stack(out)
+
+
+def _close(got, want, tol, what):
+    err = (got.double() - want.double()).abs()
+    bound = tol * (1 + want.double().abs())
+    if (err > bound).any():
+        i = tuple((err > bound).nonzero()[0].tolist())
+        raise AssertionError(f"{what}: first mismatch at {i}: {got[i].item()!r} vs "
+                             f"{want[i].item()!r}")
+
+
+@pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("lname", sorted(LAYOUTS))
+def test_reference_is_the_second_order_taylor_rule(act, lname, gen):
+    layout = LAYOUTS[lname]
+    rows = _rows(layout, (5, 7), gen)
+    _close(jet_act_ref(rows, act, layout.kernel_spec), _nested_jvp_rows(FN[act], rows, layout),
+           1e-12, f"{act}/{lname}")
+
+
+@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("lname", sorted(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_backends_match_reference_forward_and_backward(name, act, lname, dtype, gen):
+    layout = LAYOUTS[lname]
+    shape = (3, 2, 7, 9) if dtype != torch.bfloat16 else (5, 123)
+    rows = _rows(layout, shape, gen, dtype).to(_device(name))
+    grad = torch.randn(rows.shape, generator=gen, dtype=F64).to(rows)
+    a = rows.clone().requires_grad_(True)
+    with backend.use_backend(name):
+        out = jet_act(a, act, layout.kernel_spec)
+        (ga,) = torch.autograd.grad(out, a, grad)
+    b = rows.clone().requires_grad_(True)
+    ref = jet_act_ref(b.double(), act, layout.kernel_spec)
+    (gb,) = torch.autograd.grad(ref, b, grad.double())
+    assert out.dtype == dtype and ga.dtype == dtype
+    _close(out, ref, TOL[dtype], f"{name} forward")
+    _close(ga, gb, 4 * TOL[dtype], f"{name} backward")
+
+
+@pytest.mark.parametrize("name", ["cpp", "torch"])
+def test_gradcheck_and_double_backward(name, gen):
+    layout = LAYOUTS["pairs"]
+    rows = _rows(layout, (2, 3), gen).requires_grad_(True)
+    spec = layout.kernel_spec
+    with backend.use_backend(name):
+        assert torch.autograd.gradcheck(lambda r: jet_act(r, "silu", spec), (rows,))
+        assert torch.autograd.gradgradcheck(lambda r: jet_act(r, "silu", spec), (rows,))
+
+
+def test_triton_gradcheck_interpreted(gen):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not backend.available("triton", device):
+        pytest.skip("triton cannot run here")
+    layout = LAYOUTS["pairs"]
+    rows = _rows(layout, (2, 3), gen).to(device).requires_grad_(True)
+    with backend.use_backend("triton"):
+        assert torch.autograd.gradcheck(lambda r: jet_act(r, "tanh", layout.kernel_spec), (rows,))
+
+
+def test_opcheck(gen):
+    layout = LAYOUTS["collapsed"]
+    rows = _rows(layout, (4, 5), gen).to(torch.float32).requires_grad_(True)
+    torch.library.opcheck(torch.ops.fpkern.jet_act.default,
+                          (rows, "silu", 3, [], [], 1, 2))
+
+
+def test_bad_input_is_named(gen):
+    layout = LAYOUTS["collapsed"]
+    rows = _rows(layout, (4, 5), gen)
+    with pytest.raises(ValueError, match="valid names"):
+        jet_act(rows, "relu6", layout.kernel_spec)
+    with pytest.raises(ValueError, match="R = 5"):
+        jet_act(rows[:3], "silu", layout.kernel_spec)
+    with pytest.raises(TypeError, match="floating"):
+        jet_act(rows.long(), "silu", layout.kernel_spec)
