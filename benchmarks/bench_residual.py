@@ -1,10 +1,14 @@
 """Speed and memory of the FPE residual loss: the paper's algorithm ("naive") against fpkern.
 
 Providers: naive (MATH.md 5: nested reverse mode, 3-point time stencil), fused (fpkern's
-method="fused": collapsed Taylor-mode jets), projected (the div-form loss as the
-forward-only unbiased (u . r)^2, fpkern.ops.projected_residual). Modes: "fwd" (the loss |r|^2), "fwdbwd" (the loss and its parameter
-gradient) and "train_step" (DSM + 0.15 FP loss, backward; against a plain DSM step).
-Cases: MLP score networks for D = 2 and 64, and the small NCSN++ preset.
+method="fused": collapsed Taylor-mode jets with fused kernels; the laplacian form as
+fpkern.ops.terms: one jet pass and one kernel), projected (the div-form loss as the
+forward-only unbiased (u . r)^2, fpkern.ops.projected_residual) and torch.func (the generic
+forward-mode path, fpkern.ops.forward_mode, that fused falls back to). Modes: "fwd" (the loss
+g^2 |r|^2 / D^2), "fwdbwd" (the loss and its parameter gradient) and "train_step" (DSM +
+0.15 FP loss sharing the DSM forward, backward and Adam; against a plain DSM step).
+Cases: MLP score networks for D = 2 and 64 and the small NCSN++ preset (CPU and GPU); the
+CIFAR-10 NCSN++ and DDPM++ presets at batch 64 (GPU only).
 Run: `pytest benchmarks/ --benchmark-only [--bench-json PATH]`.
 """
 
@@ -15,8 +19,11 @@ import torch
 
 from benchmarks.conftest import device
 from fpkern.models import MLP, ScoreFn, from_preset, get_config, sde_from_config
-from fpkern.ops import fpe_residual, projected_residual
+from fpkern.ops import forward_mode, fpe_residual, fpe_terms, projected_residual
 from fpkern.sde import VPSDE
+
+GPU_CASES = {"cifar10_ncsnpp": "ve/cifar10_ncsnpp_continuous",
+             "cifar10_ddpmpp": "vp/cifar10_ddpmpp_continuous"}
 
 
 def _case(name: str):
@@ -26,12 +33,12 @@ def _case(name: str):
         D = int(name[3:])
         sde = VPSDE()
         net = ScoreFn(MLP(D, width=256, depth=3), sde)
-        batch = 128
+        batch = 128 if dev.type == "cpu" else 1024
         shape = (D,)
     else:
-        cfg = get_config("small/ncsnpp")
-        sde = sde_from_config(cfg)
-        net = ScoreFn(from_preset("small/ncsnpp"), sde)
+        preset = GPU_CASES.get(name, "small/ncsnpp")
+        sde = sde_from_config(get_config(preset))
+        net = ScoreFn(from_preset(preset), sde)
         batch = 8 if dev.type == "cpu" else 64
         shape = tuple(net.input_shape)
     net = net.to(dev)
@@ -49,6 +56,13 @@ def _fp_loss(net, sde, x, t, provider, form, K, score=None):
     D = x[0].numel()
     if provider == "projected":
         sq = projected_residual(net, x, t, sde, probes=V).pow(2)
+    elif provider == "fused" and form == "laplacian":
+        return fpe_terms(net, x, t, sde, weight=sde.g2(t) / D ** 2, probes=V,
+                         score=score).loss.mean()
+    elif provider == "torch.func":
+        with torch.enable_grad():
+            r = forward_mode.residual(net, x, t, sde, form, V)
+        sq = r.flatten(1).pow(2).sum(1)
     else:
         r = fpe_residual(net, x, t, sde, form=form, method=provider, probes=V, score=score)
         sq = r.flatten(1).pow(2).sum(1)
@@ -65,19 +79,28 @@ def _sync():
         torch.cuda.synchronize()
 
 
-CASES = ["mlp2", "mlp64", "ncsnpp_small"]
+CASES = ["mlp2", "mlp64", "ncsnpp_small"] + list(GPU_CASES)
+
+
+def _skip(case, provider, form, K=1):
+    cpu = device().type == "cpu"
+    if case in GPU_CASES and cpu:
+        pytest.skip("the CIFAR-10 presets are GPU cases")
+    if case != "mlp2" and K == 4 and cpu:
+        pytest.skip("K=4 on the larger nets is a GPU case")
+    if provider == "projected" and form != "div":
+        pytest.skip("the projected estimator is for the div-form loss")
+    if provider == "torch.func" and (case in GPU_CASES or (cpu and case != "mlp2")):
+        pytest.skip("the generic path is shown on the small MLP (and small NCSN++ on GPU)")
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("form", ["div", "laplacian"])
 @pytest.mark.parametrize("K", [1, 4])
-@pytest.mark.parametrize("provider", ["naive", "fused", "projected"])
+@pytest.mark.parametrize("provider", ["naive", "fused", "projected", "torch.func"])
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 def test_fp_loss(record, case, form, K, provider, mode):
-    if case == "ncsnpp_small" and K == 4 and device().type == "cpu":
-        pytest.skip("K=4 on the conv net is a GPU case")
-    if provider == "projected" and form != "div":
-        pytest.skip("the projected estimator is for the div-form loss")
+    _skip(case, provider, form, K)
     net, sde, x, t, _ = _case(case)
     params = [p for p in net.parameters() if p.requires_grad]
 
@@ -88,7 +111,7 @@ def test_fp_loss(record, case, form, K, provider, mode):
         _sync()
 
     record(f"{case}/{form}/K{K}", provider, mode, run,
-           rounds=3 if case == "ncsnpp_small" else 5)
+           rounds=5 if case.startswith("mlp") else 3)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -97,8 +120,7 @@ def test_fp_loss(record, case, form, K, provider, mode):
 def test_train_step(record, case, form, provider):
     """DSM + 0.15 FP at the same points; fused shares the DSM forward's score (the laplacian
     form then needs one jet pass)."""
-    if provider == "projected" and form != "div":
-        pytest.skip("the projected estimator is for the div-form loss")
+    _skip(case, provider, form)
     net, sde, x, t, z = _case(case)
     opt = torch.optim.Adam(net.parameters(), lr=1e-5)
 
@@ -114,4 +136,4 @@ def test_train_step(record, case, form, provider):
         _sync()
 
     record(f"{case}/{form}/K1", provider, "train_step", run,
-           rounds=3 if case == "ncsnpp_small" else 5)
+           rounds=5 if case.startswith("mlp") else 3)

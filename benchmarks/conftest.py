@@ -92,7 +92,7 @@ def _ratios():
     for (case, prov, mode), r in sorted(by.items()):
         if prov != "naive":
             continue
-        for other in ("fused", "projected"):
+        for other in ("fused", "projected", "torch.func"):
             o = by.get((case, other, mode))
             if o:
                 rows.append((case, mode, other, r["median_s"] / o["median_s"],
@@ -101,9 +101,25 @@ def _ratios():
     for (case, prov, mode), r in sorted(by.items()):
         if mode == "train_step" and prov != "dsm":
             d = by.get((case, "dsm", "train_step"))
+            n = by.get((case, "naive", "train_step"))
             if d:
-                steps.append((case, prov, r["median_s"] / d["median_s"]))
+                # the FP term's own cost is (step - DSM step): naive's over this provider's
+                fp = (n["median_s"] - d["median_s"]) / max(r["median_s"] - d["median_s"], 1e-12) \
+                    if n else float("nan")
+                steps.append((case, prov, r["median_s"] / d["median_s"], fp))
     return rows, steps
+
+
+def _bandwidth():
+    """(case, provider, GB/s, fraction of the copy's GB/s) for kernel records with bytes."""
+    by = {(r["case"], r["provider"]): r for r in RESULTS if r["mode"] == "kernel" and "bytes" in r}
+    out = []
+    for (case, prov), r in sorted(by.items()):
+        copy = by.get((case, "copy"))
+        gbs = r["bytes"] / r["median_s"] / 1e9
+        frac = gbs / (copy["bytes"] / copy["median_s"] / 1e9) if copy else float("nan")
+        out.append((case, prov, gbs, frac))
+    return out
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -119,9 +135,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"{case:<34}{mode:<12}{prov:<12}{speed:>17.2f}x{mem:>16.2f}")
     if steps:
         tr.write_line("")
-        tr.write_line(f"{'case':<34}{'provider':<12}{'train step / DSM step':>22}")
-        for case, prov, ratio in steps:
-            tr.write_line(f"{case:<34}{prov:<12}{ratio:>21.2f}x")
+        tr.write_line(f"{'case':<34}{'provider':<12}{'train step / DSM step':>22}"
+                      f"{'FP term speed-up vs naive':>27}")
+        for case, prov, ratio, fp in steps:
+            tr.write_line(f"{case:<34}{prov:<12}{ratio:>21.2f}x{fp:>26.2f}x")
+    kernels = _bandwidth()
+    if kernels:
+        tr.write_line("")
+        tr.write_line(f"{'kernel case':<34}{'provider':<12}{'GB/s':>10}{'of copy bandwidth':>20}")
+        for case, prov, gbs, frac in kernels:
+            tr.write_line(f"{case:<34}{prov:<12}{gbs:>10.1f}{frac:>19.0%}")
     path = config.getoption("--bench-json")
     if path:
         with open(path, "w") as fh:
@@ -130,6 +153,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                            results=RESULTS,
                            ratios=[dict(case=c, mode=m, provider=p, speedup=s, memory_ratio=mm)
                                    for c, m, p, s, mm in rows],
-                           train_step_over_dsm=[dict(case=c, provider=p, ratio=x)
-                                                for c, p, x in steps]), fh, indent=1)
+                           train_step_over_dsm=[dict(case=c, provider=p, ratio=x,
+                                                     fp_term_speedup=fp)
+                                                for c, p, x, fp in steps],
+                           bandwidth=[dict(case=c, provider=p, gb_per_s=g, of_copy=f)
+                                      for c, p, g, f in kernels]), fh, indent=1)
         tr.write_line(f"results written to {path}")

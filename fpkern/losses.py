@@ -14,7 +14,7 @@ per-sample vector term and the batch-level scalar term; the training loop reduce
 
 Sharing with the DSM forward (fp_points='pert'): the FP terms use the DSM term's t and
 x_t, and reuse its score s. With form 'laplacian' and method 'fused' both terms come from
-one jet pass (s fixes its transport direction) and one fused kernel (fpkern.ops.fpe_terms),
+one jet pass (s fixes its transport direction) and one fused kernel (fpkern.ops.terms),
 the divergence of the scalar term included. Otherwise the residual recomputes s inside its
 own derivative passes and the scalar term's Hutchinson divergence costs one more pass.
 """
@@ -194,7 +194,7 @@ class FPLoss:
         zero = y.new_zeros(())
         vec = y.new_zeros(y.shape[0])
         if self.form == "laplacian" and self.method == "fused" and self.alpha > 0:
-            # One jet pass and one fused kernel give both terms (fpkern.ops.fpe_terms).
+            # One jet pass and one fused kernel give both terms (fpkern.ops.terms).
             w = self.weight(t).to(y.dtype) / D ** self.m
             terms = fpe_terms(score_fn, y, t, self.sde, weight=w, m=self.m, probes=self.probes,
                               probe_dist=self.probe_dist, generator=generator, score=s)

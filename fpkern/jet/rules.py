@@ -14,6 +14,8 @@ Anything else raises JetUnsupported naming the function, never a wrong answer.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -22,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fpkern.jet.tensor import Jet, JetUnsupported, Layout
 
-__all__ = ["dispatch", "HANDLERS"]
+__all__ = ["dispatch", "HANDLERS", "composite_rules", "kernels_enabled"]
 
 HANDLERS: dict = {}
 
@@ -70,6 +72,29 @@ def dispatch(func, args, kwargs):
         return _value_only(func, args, kwargs)
     raise JetUnsupported(f"no jet rule for {name} ({func!r}); the fused path cannot run this "
                          "score network and falls back to the generic one")
+
+
+# ---- fused kernels on or off ----------------------------------------------------------
+_KERNELS: contextvars.ContextVar[bool] = contextvars.ContextVar("fpkern_jet_kernels",
+                                                                default=True)
+
+
+def kernels_enabled() -> bool:
+    """Whether rules with a fused kernel (activations, group norm, the MLP) may use it."""
+    return _KERNELS.get()
+
+
+@contextlib.contextmanager
+def composite_rules():
+    """Use the composite torch rules in this block, not the fused kernels. The fused ops'
+    backward is hand-written; differentiating it again (double backward, as the div-form
+    residual's reverse pass does) recomputes their torch reference, which costs more than
+    running the composite rules in the first place."""
+    token = _KERNELS.set(False)
+    try:
+        yield
+    finally:
+        _KERNELS.reset(token)
 
 
 # ---- value-only functions: metadata and predicates ----------------------------------
@@ -197,9 +222,12 @@ def _fold(func, x: Jet, *rest, **kwargs) -> torch.Tensor:
 
 
 def _add_bias(rows: torch.Tensor, bias, view) -> torch.Tensor:
+    """Bias on the value row only, in place: `rows` is a fresh layer output that no backward
+    formula saves, so this avoids copying every row (torch.cat) and autograd stays exact."""
     if bias is None:
         return rows
-    return torch.cat([(rows[0] + bias.reshape(view))[None], rows[1:]])
+    rows[0].add_(bias.reshape(view))
+    return rows
 
 
 def _pop(args, kwargs, index, name, default=None):
@@ -256,7 +284,9 @@ def _sum_rows(a, b, sign: float):
     if isinstance(b, (int, float)) or isinstance(a, (int, float)):   # x + c: only row 0 moves
         x, c = (a, sign * b) if isinstance(a, Jet) else (b, a)
         r = x.rows if isinstance(a, Jet) else sign * x.rows
-        return _wrap(torch.cat([(r[0] + c)[None], r[1:]]), layout)
+        shift = r.new_zeros((layout.rows,) + (1,) * (r.dim() - 1))
+        shift[0] = c
+        return _wrap(r + shift, layout)                    # one pass, no copy of each row
     like = (a if isinstance(a, Jet) else b).rows
     A = a.rows if isinstance(a, Jet) else _lift(a, layout, like)
     B = b.rows if isinstance(b, Jet) else _lift(b, layout, like)
@@ -318,12 +348,29 @@ def _elementwise(x: Jet, phi, d1, d2) -> Jet:
     return _wrap(torch.cat([phi[None], d1 * r[L.first], second]), L)
 
 
-def _unary(derivs):
+def _unary(derivs, fused: str | None = None):
     def handler(func, args, kwargs):
         x = args[0]
+        if fused is not None and not kwargs.get("inplace", False):
+            rows = _fused_act(x, fused)
+            if rows is not None:
+                return _wrap(rows, x.layout)
         phi, d1, d2 = derivs(x.rows[0], *args[1:], **kwargs)
         return _elementwise(x, phi, d1, d2)
     return handler
+
+
+def _fused_act(x: Jet, act: str):
+    """The rule as one fused kernel (fpkern.ops.jet_act) where a native backend runs it: C++
+    on CPU, Triton on CUDA. None where only torch would (then the composite rule is as fast)
+    or where kernels are switched off (composite_rules)."""
+    from fpkern import backend
+    from fpkern.ops.jet_act import jet_act
+    spec = x.layout.kernel_spec
+    if (spec is None or len(x.rows.shape) < 2 or not kernels_enabled()
+            or backend.select(x.rows) == "torch"):
+        return None
+    return jet_act(x.rows, act, spec)
 
 
 def _silu(x, *a, **k):
@@ -427,7 +474,7 @@ for _names, _fn in [(["silu"], _silu), (["sigmoid", "expit"], _sigmoid), (["tanh
                     (["reciprocal"], _reciprocal), (["relu"], _relu),
                     (["leaky_relu"], _leaky_relu), (["elu"], _elu), (["softplus"], _softplus),
                     (["gelu"], _gelu), (["square"], _square)]:
-    _register(_names)(_unary(_fn))
+    _register(_names)(_unary(_fn, _names[0] if _names[0] in ("silu", "sigmoid", "tanh") else None))
 
 
 @_register(["pow", "__pow__", "float_power"])
@@ -557,6 +604,13 @@ def _group_norm(func, args, kwargs):
     weight = kwargs.get("weight", args[2] if len(args) > 2 else None)
     bias = kwargs.get("bias", args[3] if len(args) > 3 else None)
     eps = kwargs.get("eps", args[4] if len(args) > 4 else 1e-5)
+    spec = x.layout.kernel_spec
+    if (spec is not None and x.rows.dtype in (torch.float32, torch.float64) and x.dim() >= 2
+            and not isinstance(weight, Jet) and not isinstance(bias, Jet)
+            and kernels_enabled()):
+        # the fused rule (one op, hand-written backward); lazy import: fpkern.ops uses jets
+        from fpkern.ops.group_norm_jet import group_norm_jet
+        return _wrap(group_norm_jet(x.rows, groups, weight, bias, eps, spec), x.layout)
     shape = x.shape
     xg = x.reshape(shape[0], groups, -1)
     mean = xg.mean(dim=-1, keepdim=True)
@@ -599,3 +653,39 @@ def _softmax(func, args, kwargs):
             corr.append(torch.stack([cross(k, k) for k in L.collapse]).mean(0))
         out.append(second + torch.stack(corr))
     return _wrap(torch.cat(out), L)
+
+
+# ---- whole networks --------------------------------------------------------------------
+def _mlp_forward(func, args, kwargs):
+    """fpkern.models.mlp.mlp_forward on Jets: the whole MLP as one fused op
+    (fpkern.ops.mlp_jet) where the Triton backend runs (CUDA tensors, or forced), the
+    activation is SiLU and the kernel takes the rows (float32, width <= 256, no pair rows);
+    anywhere else the composite network on the per-op rules above."""
+    from fpkern import backend
+    from fpkern.models.mlp import mlp_composite
+
+    def bind(x, t, params, act):
+        return x, t, params, act
+
+    x, t, params, act = bind(*args, **kwargs)
+    jets = [a for a in (x, t) if isinstance(a, Jet)]
+    if (jets and not any(isinstance(p, Jet) for p in params.tensors())
+            and (isinstance(act, torch.nn.SiLU) or act is F.silu)):
+        layout = _layout_of(jets)
+        like = jets[0].rows
+        if kernels_enabled() and backend.select(like) == "triton":
+            from fpkern.ops import mlp_jet as fused
+            x_rows = x.rows if isinstance(x, Jet) else _lift(x, layout, like)
+            t_rows = t.rows if isinstance(t, Jet) else _lift(t, layout, like)
+            spec = layout.kernel_spec
+            if fused.kernel_unsupported(x_rows, t_rows, params, spec) is None:
+                return _wrap(fused.mlp_jet(x_rows, t_rows, params, spec), layout)
+    return mlp_composite(x, t, params, act)
+
+
+def _register_networks():
+    from fpkern.models.mlp import mlp_forward
+    HANDLERS[mlp_forward] = _mlp_forward
+
+
+_register_networks()

@@ -83,9 +83,19 @@ class GroupNorm(nn.GroupNorm):
 
     The fused kernel's forward-mode derivative fails on channels-last inputs (which the
     einsum in ``NIN`` produces), so forward-mode AD needs this composite form.
+
+    Jets (fpkern.jet) go to ``F.group_norm`` instead, whose jet rule is one fused op
+    (fpkern/ops/group_norm_jet.py); the composite would expand into ~30 jet ops. Only Jets:
+    ``F.group_norm(x.contiguous(), ...)`` does pass nested ``torch.func.jvp`` (and vmap of
+    it, and double backward) on CPU with torch 2.13, channels-last inputs and tangents
+    included, but plain tensors keep this composite so their results and the generic
+    torch.func path (fpkern/ops/forward_mode.py) stay as they were, on every device and
+    torch version.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.overrides.has_torch_function_unary(x):          # a Jet (a tensor subclass)
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         shape = x.shape
         xg = x.reshape(shape[0], self.num_groups, -1)
         var, mean = torch.var_mean(xg, dim=-1, unbiased=False, keepdim=True)

@@ -8,16 +8,73 @@ output well conditioned from sigma = 0.01 to sigma = 50.
 Architecture: Gaussian Fourier features of t -> dense -> act gives a time embedding of
 width ``width``; h = Linear(x) + temb; then ``depth - 1`` blocks h = Linear(act(h)) (each
 with its own projection of the embedding added); output Linear(act(h)) -> dim.
+
+The computation is the module-level function ``mlp_forward(x, t, params, act)``, which
+tensor subclasses may override through ``__torch_function__``: on Jets (fpkern.jet) it runs
+the whole network as one fused op where a kernel exists (fpkern.ops.mlp_jet), while the
+module itself knows nothing of jets.
 """
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import handle_torch_function, has_torch_function
 
 from fpkern.models import layers as L
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "MLPParams", "mlp_forward", "mlp_composite"]
+
+
+class MLPParams(NamedTuple):
+    """The tensors of an MLP, by role. hidden_* and proj_* hold one entry per block
+    (a tuple, or a stacked [depth - 1, ...] tensor)."""
+
+    fourier: torch.Tensor      # [E] Gaussian Fourier frequencies (fixed)
+    temb_w: torch.Tensor       # [width, 2E]
+    temb_b: torch.Tensor       # [width]
+    in_w: torch.Tensor         # [width, dim]
+    in_b: torch.Tensor         # [width]
+    hidden_w: tuple            # depth - 1 x [width, width]
+    hidden_b: tuple            # depth - 1 x [width]
+    proj_w: tuple              # depth - 1 x [width, width]
+    proj_b: tuple              # depth - 1 x [width]
+    out_w: torch.Tensor        # [dim, width]
+    out_b: torch.Tensor        # [dim]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        out = []
+        for p in self:
+            out.extend(p if isinstance(p, (tuple, list)) else (p,))
+        return tuple(out)
+
+
+def fourier_features(t: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """[sin(2 pi t W), cos(2 pi t W)]: layers.GaussianFourierProjection, op for op."""
+    proj = t[:, None] * W[None, :] * (2 * math.pi)
+    return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+
+
+def mlp_composite(x: torch.Tensor, t: torch.Tensor, p: MLPParams, act) -> torch.Tensor:
+    """The network as a composition of torch functions (any tensor type, any dtype)."""
+    temb = act(F.linear(fourier_features(t, p.fourier), p.temb_w, p.temb_b))
+    h = F.linear(x, p.in_w, p.in_b) + temb
+    for w, b, pw, pb in zip(p.hidden_w, p.hidden_b, p.proj_w, p.proj_b):
+        h = F.linear(act(h), w, b) + F.linear(temb, pw, pb)
+    return F.linear(act(h), p.out_w, p.out_b)
+
+
+def mlp_forward(x: torch.Tensor, t: torch.Tensor, params: MLPParams, act) -> torch.Tensor:
+    """MLP output for x [B, dim], t [B]; overridable with ``__torch_function__``
+    (fpkern.jet.rules registers a rule for Jets)."""
+    relevant = (x, t) + params.tensors()
+    if has_torch_function(relevant):
+        return handle_torch_function(mlp_forward, relevant, x, t, params, act)
+    return mlp_composite(x, t, params, act)
 
 
 class MLP(nn.Module):
@@ -42,9 +99,13 @@ class MLP(nn.Module):
         self.temb_proj = nn.ModuleList(L.dense(width, width) for _ in range(depth - 1))
         self.out = L.dense(width, dim)
 
+    def mlp_params(self) -> MLPParams:
+        """The current parameter tensors by role (the modules' own tensors, not copies)."""
+        return MLPParams(
+            self.embed.W, self.temb.weight, self.temb.bias, self.inp.weight, self.inp.bias,
+            tuple(m.weight for m in self.hidden), tuple(m.bias for m in self.hidden),
+            tuple(m.weight for m in self.temb_proj), tuple(m.bias for m in self.temb_proj),
+            self.out.weight, self.out.bias)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.act(self.temb(self.embed(t)))
-        h = self.inp(x) + temb
-        for layer, proj in zip(self.hidden, self.temb_proj):
-            h = layer(self.act(h)) + proj(temb)
-        return self.out(self.act(h))
+        return mlp_forward(x, t, self.mlp_params(), self.act)

@@ -10,7 +10,7 @@ every linear layer running once over all rows (MATH.md sections 2-3, no time ste
 - form "laplacian": r_c = d_t s - 1/2 g^2 Lap_V s - J c + f s. d_t s - J c is one
   directional derivative of s(x, t), along (x, t)-tangent (-c, 1): with the score known
   beforehand (the DSM forward's), one pass with rows x, v_1..v_K, (-c, 1), collapsed gives
-  everything, and fpkern.ops.fpe_terms.combine_terms turns the rows into the residual, the
+  everything, and fpkern.ops.terms.combine_terms turns the rows into the residual, the
   Hutchinson divergence, the weighted loss and the scalar FPE term in one kernel (terms()).
   Without it, J c is a second, two-row pass (c depends on s). Forward mode only.
 - form "div": r = d_t s - grad_x[1/2 g^2 (div_V s + |s|^2) - f <x, s>]: the jet pass gives
@@ -26,14 +26,21 @@ then use the generic torch.func path (fpkern.ops.forward_mode).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from fpkern.jet import Jet, Layout
+from fpkern.jet import Jet, Layout, composite_rules
 from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
 from fpkern.ops.combine import fpe_combine
-from fpkern.ops.fpe_terms import combine_terms
+from fpkern.ops.terms import combine_terms
 
 __all__ = ["Layout", "jet_pass", "residual", "terms", "projected_residual"]
+
+#: The div form differentiates its reverse pass again (parameter gradients): run its jet
+#: pass on the composite rules, whose double backward is plain autograd (see
+#: fpkern.jet.rules.composite_rules).
+DIV_FORM_COMPOSITE = True
 
 
 def jet_pass(score_fn, x: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor, *,
@@ -78,7 +85,7 @@ def _transport_terms(score_fn, x, t, V, c):
 
 
 def terms(score_fn, x, t, sde, V, score, weight, m: float):
-    """(r, div, loss, h) of the laplacian form (fpkern.ops.fpe_terms.combine_terms) from one
+    """(r, div, loss, h) of the laplacian form (fpkern.ops.terms.combine_terms) from one
     jet pass; `score` = score_fn(x, t), which fixes the direction c = g^2 s - f x."""
     f, g2 = sde_coefficients(sde, t, x)
     c = bcast(g2, x) * score - bcast(f, x) * x
@@ -104,7 +111,8 @@ def residual(score_fn, x, t, sde, form: str, V: torch.Tensor,
         return fpe_combine(dts, lap, _jvp(score_fn, x, t, c), s, g2, f)
     K = V.shape[0]
     xg = x.detach().requires_grad_(True)
-    rows = jet_pass(score_fn, xg, t, V, time=True, layout=Layout(n1=K + 1))
+    with (composite_rules() if DIV_FORM_COMPOSITE else contextlib.nullcontext()):
+        rows = jet_pass(score_fn, xg, t, V, time=True, layout=Layout(n1=K + 1))
     s, jv, dts = rows[0], rows[1:K + 1], rows[K + 1]
     div = (V * jv).flatten(2).sum(2).mean(0)
     return div_form_residual(xg, s, div, dts, f, g2)

@@ -25,7 +25,7 @@ from fpkern.jet import JetUnsupported
 from fpkern.ops import exact, forward_mode, fused, naive
 from fpkern.ops._common import bcast, check_inputs, sde_coefficients
 from fpkern.ops.combine import hutchinson_reduce
-from fpkern.ops.fpe_terms import combine_terms
+from fpkern.ops.terms import combine_terms
 from fpkern.ops.probes import resolve_probes
 
 __all__ = ["FORMS", "METHODS", "FPETerms", "fpe_residual", "fpe_terms", "projected_residual",
@@ -110,7 +110,7 @@ def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *,
     (MATH.md 2-4), exact directional derivatives along the probes (method "fused").
 
     One jet pass with rows x, v_1..v_K, (-c, 1) and the collapsed second order, then one
-    fused kernel (fpkern.ops.fpe_terms). `score`: score_fn(x, t) if the caller has it (the
+    fused kernel (fpkern.ops.terms). `score`: score_fn(x, t) if the caller has it (the
     DSM forward's); otherwise it costs one plain forward first. `weight` [B] multiplies
     |r|^m (default 1). A score_fn without jet rules runs the generic torch.func path.
     """

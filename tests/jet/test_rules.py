@@ -119,3 +119,26 @@ def test_metadata_reads_the_value(gen):
     assert not isinstance(d, Jet) and torch.equal(d, rows[0])
     with pytest.raises(ValueError, match="layout has 2 rows"):
         Jet(rows, Layout(n1=1))
+
+
+def test_composite_rules_switch_the_fused_kernels_off(gen, monkeypatch):
+    """Inside composite_rules() the activation and group-norm rules run as torch ops; both
+    ways give the same rows."""
+    import fpkern.ops.group_norm_jet as gnj
+    import fpkern.ops.jet_act as ja
+    from fpkern.jet import composite_rules, kernels_enabled
+    calls = []
+    for mod, name in ((ja, "jet_act"), (gnj, "group_norm_jet")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+    layout = LAYOUTS[0]
+    fn = lambda x: F.silu(F.group_norm(x.reshape(-1, 4, 1), 2, GN_W, GN_B)).flatten(1)  # noqa: E731
+    x = torch.randn(3, 4, generator=gen, dtype=F64)
+    V = torch.randn(layout.n1, 3, 4, generator=gen, dtype=F64)
+    fused = _jet_rows(fn, x, V, layout)
+    assert len(calls) == 2 and kernels_enabled()
+    with composite_rules():
+        assert not kernels_enabled()
+        plain = _jet_rows(fn, x, V, layout)
+    assert len(calls) == 2 and kernels_enabled()
+    assert torch.allclose(fused, plain, rtol=1e-12, atol=1e-12)

@@ -124,3 +124,12 @@ def test_bad_input_is_named(gen):
         jet_act(rows[:3], "silu", layout.kernel_spec)
     with pytest.raises(TypeError, match="floating"):
         jet_act(rows.long(), "silu", layout.kernel_spec)
+
+
+def test_torch_compile_accepts_the_op(gen):
+    layout = LAYOUTS["collapsed"]
+    rows = _rows(layout, (4, 5), gen).float()
+    fn = torch.compile(lambda r: jet_act(r, "silu", layout.kernel_spec).sum(), backend="eager",
+                       fullgraph=True)
+    assert torch.allclose(fn(rows), jet_act_ref(rows, "silu", layout.kernel_spec).sum(),
+                          rtol=1e-5)

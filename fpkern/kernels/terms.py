@@ -5,7 +5,7 @@ score s, point x and the probe pairs (v_k, J v_k), and writes the residual
 r = w - 1/2 g2 lap + f s, the Hutchinson divergence, |r|^2, the weighted loss weight |r|^m
 and the scalar FPE term h = 1/2 g2 (div + |s|^2) - f <x, s> (csrc/fpe_terms.h has the
 formulas and the backward). Float32 arithmetic (float64 for float64), per-lane sums.
-The autograd op lives in fpkern/ops/fpe_terms.py.
+The autograd op lives in fpkern/ops/terms.py.
 """
 
 from __future__ import annotations

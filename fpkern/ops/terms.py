@@ -86,7 +86,7 @@ def _fwd_impl(v, jv, w, lap, s, x, g2, f, weight, m):
     args = [_planes(v), _planes(jv)] + [_rows(t) for t in (w, lap, s, x)] + \
         [t.contiguous() for t in (g2, f, weight)]
     if which == "triton":
-        from fpkern.kernels import fpe_terms as k
+        from fpkern.kernels import terms as k
         r, div, loss, h, _ = k.fpe_terms_forward(*args, float(m))
     else:
         work = w.dtype if w.dtype in _NATIVE_DTYPES else torch.float32
@@ -115,7 +115,7 @@ def _bwd_impl(gr, gdiv, gloss, gh, v, lap, s, x, r, div, g2, f, weight, m):
             _rows(lap), _rows(s), _rows(x), _rows(r), div.contiguous(), sumsq.contiguous(),
             g2.contiguous(), f.contiguous(), weight.contiguous()]
     if which == "triton":
-        from fpkern.kernels import fpe_terms as k
+        from fpkern.kernels import terms as k
         outs = k.fpe_terms_backward(*args, float(m))
     else:
         work = r.dtype if r.dtype in _NATIVE_DTYPES else torch.float32

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fpkern import backend
-from fpkern.ops.fpe_terms import combine_terms, combine_terms_ref
+from fpkern.ops.terms import combine_terms, combine_terms_ref
 
 F64 = torch.float64
 TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -108,3 +108,10 @@ def test_bad_input_is_named(gen):
         combine_terms(v, jv, w, lap, s, x, g2, f, wt.float())
     with pytest.raises(ValueError, match="m must be > 0"):
         combine_terms(v, jv, w, lap, s, x, g2, f, wt, 0.0)
+
+
+def test_torch_compile_accepts_the_op(gen):
+    args = [a.float() for a in _inputs(2, (3, 5), F64, "cpu", gen)]
+    fn = torch.compile(lambda *a: combine_terms(*a, 2.0)[2].sum(), backend="eager",
+                       fullgraph=True)
+    assert torch.allclose(fn(*args), combine_terms_ref(*args, 2.0)[2].sum())

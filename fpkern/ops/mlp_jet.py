@@ -1,0 +1,244 @@
+"""The MLP score network (fpkern.models.mlp) on jets as one fused op, `fpkern::mlp_jet`.
+
+    mlp_jet(x_rows [R, B, D], t_rows [R, B], params, spec) -> output rows [R, B, D]
+
+Rows follow fpkern.jet.tensor and spec is Layout.kernel_spec, (n1, pair_a, pair_b, c0, nc).
+Every row goes through each layer: linear layers act on all rows (bias on the value row
+only); silu and sin / cos apply the jet rule of fpkern.jet.rules (value phi(h0), first order
+phi'(h0) h_i, pair phi'(h0) h_q + phi''(h0) h_a h_b, collapsed phi'(h0) h_z +
+phi''(h0) mean_k h_k^2).
+
+`mlp_jet_ref` is the plain-torch reference (any layout, any dtype, differentiable). The op
+runs the Triton kernels of fpkern/kernels/mlp_jet.py (CUDA, or CPU under TRITON_INTERPRET=1)
+for float32, width <= 256, at most 8 rows and no pair rows; `kernel_unsupported` says why
+a call cannot use it. Its backward runs the Triton backward kernel, except when the graph
+of the backward itself is recorded (create_graph=True, as the div-form residual does): the
+gradients then come from the reference, so double backward works.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fpkern import backend
+from fpkern.models.mlp import MLPParams
+
+__all__ = ["mlp_jet", "mlp_jet_ref", "kernel_unsupported"]
+
+MAX_WIDTH = 256       # wider networks: the per-op jet rules
+MAX_ROWS = 8
+_N_TENSORS = 13       # x_rows, t_rows and the 11 parameter tensors of the op
+
+
+# ---- reference -------------------------------------------------------------------------
+def _jet_rule(rows, phi, d1, d2, spec):
+    """Rows of phi(h) from the rows of h and phi, phi', phi'' at the value row."""
+    n1, pair_a, pair_b, c0, nc = spec
+    out = [phi[None], d1 * rows[1:1 + n1]]
+    for j, (a, b) in enumerate(zip(pair_a, pair_b)):
+        out.append((d1 * rows[1 + n1 + j] + d2 * (rows[a] * rows[b]))[None])
+    if nc:
+        msq = (rows[c0:c0 + nc] * rows[c0:c0 + nc]).mean(0)
+        out.append((d1 * rows[-1] + d2 * msq)[None])
+    return torch.cat(out)
+
+
+def _silu_rows(rows, spec):
+    h = rows[0]
+    s = torch.sigmoid(h)
+    return _jet_rule(rows, h * s, s * (1 + h * (1 - s)), s * (1 - s) * (2 + h * (1 - 2 * s)), spec)
+
+
+def _linear_rows(rows, w, b):
+    out = F.linear(rows, w)
+    return torch.cat([(out[0] + b)[None], out[1:]])
+
+
+def mlp_jet_ref(x_rows: torch.Tensor, t_rows: torch.Tensor, params: MLPParams,
+                spec) -> torch.Tensor:
+    """Output rows of the MLP for input rows, by the per-row formulas in plain torch."""
+    proj = t_rows[..., None] * params.fourier * (2 * math.pi)
+    sin, cos = torch.sin(proj[0]), torch.cos(proj[0])
+    feats = torch.cat([_jet_rule(proj, sin, cos, -sin, spec),
+                       _jet_rule(proj, cos, -sin, -cos, spec)], dim=-1)
+    temb = _silu_rows(_linear_rows(feats, params.temb_w, params.temb_b), spec)
+    h = _linear_rows(x_rows, params.in_w, params.in_b) + temb
+    for w, b, pw, pb in zip(params.hidden_w, params.hidden_b, params.proj_w, params.proj_b):
+        h = _linear_rows(_silu_rows(h, spec), w, b) + _linear_rows(temb, pw, pb)
+    return _linear_rows(_silu_rows(h, spec), params.out_w, params.out_b)
+
+
+# ---- eligibility and checks ------------------------------------------------------------
+def _kernels():
+    from fpkern.kernels import mlp_jet as k     # imports triton: only when a kernel runs
+    return k
+
+
+def kernel_unsupported(x_rows: torch.Tensor, t_rows: torch.Tensor, params: MLPParams,
+                       spec) -> str | None:
+    """Why the fused kernel cannot take these inputs, or None when it can (any backend)."""
+    if spec is None:
+        return "collapsed rows are not contiguous"
+    n1, pair_a, _, _, nc = spec
+    if pair_a:
+        return "mixed pair rows are not supported by the kernel"
+    if x_rows.dim() != 3 or t_rows.dim() != 2:
+        return (f"x rows must be [R, B, D] and t rows [R, B], got {tuple(x_rows.shape)}, "
+                f"{tuple(t_rows.shape)}")
+    R = x_rows.shape[0]
+    if x_rows.shape[1] == 0:
+        return "no samples"
+    if R != 1 + n1 + (1 if nc else 0) or R > MAX_ROWS:
+        return f"{R} rows (the kernel takes 1 + n1 (+ 1 collapsed) <= {MAX_ROWS})"
+    width = params.in_w.shape[0]
+    if width > MAX_WIDTH:
+        return f"width {width} > {MAX_WIDTH}"
+    tensors = (x_rows, t_rows) + params.tensors()
+    if any(p.dtype != torch.float32 for p in tensors):
+        return "the kernel computes in float32 only"
+    if any(p.device != x_rows.device for p in tensors):
+        return "tensors on several devices"
+    return None
+
+
+def _check(x_rows, t_rows, params: MLPParams, spec) -> None:
+    if not isinstance(x_rows, torch.Tensor) or x_rows.dim() != 3:
+        raise ValueError(f"x_rows must be a tensor [R, B, D], got {getattr(x_rows, 'shape', x_rows)}")
+    R, B, D = x_rows.shape
+    if not isinstance(t_rows, torch.Tensor) or tuple(t_rows.shape) != (R, B):
+        raise ValueError(f"t_rows must have shape [R, B] = {(R, B)}, got "
+                         f"{tuple(getattr(t_rows, 'shape', ()))}")
+    width, E = params.in_w.shape[0], params.fourier.shape[0]
+    L = len(params.hidden_w)
+    want = {"fourier": (E,), "temb_w": (width, 2 * E), "temb_b": (width,), "in_w": (width, D),
+            "in_b": (width,), "out_w": (D, width), "out_b": (D,)}
+    for name, shape in want.items():
+        got = tuple(getattr(params, name).shape)
+        if got != shape:
+            raise ValueError(f"params.{name} has shape {got}, expected {shape}")
+    for name, shape in (("hidden_w", (width, width)), ("hidden_b", (width,)),
+                        ("proj_w", (width, width)), ("proj_b", (width,))):
+        seq = getattr(params, name)
+        if len(seq) != L or any(tuple(p.shape) != shape for p in seq):
+            raise ValueError(f"params.{name} must hold {L} tensors of shape {shape}")
+    reason = kernel_unsupported(x_rows, t_rows, params, spec)
+    if reason is not None:
+        raise ValueError(f"mlp_jet: {reason}; use mlp_jet_ref or the per-op jet rules")
+    if not backend.available("triton", x_rows.device):
+        raise RuntimeError(f"mlp_jet runs Triton kernels, which cannot run on {x_rows.device} "
+                           "(CUDA, or CPU with TRITON_INTERPRET=1)")
+
+
+def _stacked(seq, like: torch.Tensor, shape) -> torch.Tensor:
+    if isinstance(seq, torch.Tensor):
+        return seq
+    return torch.stack(list(seq)) if len(seq) else like.new_zeros((0,) + shape)
+
+
+def _contig(ts):
+    return [t.contiguous() for t in ts]
+
+
+# ---- torch.library registration --------------------------------------------------------
+@torch.library.custom_op("fpkern::mlp_jet", mutates_args=())
+def _mlp_jet_op(x_rows: torch.Tensor, t_rows: torch.Tensor, fourier: torch.Tensor,
+                temb_w: torch.Tensor, temb_b: torch.Tensor, in_w: torch.Tensor,
+                in_b: torch.Tensor, hidden_w: torch.Tensor, hidden_b: torch.Tensor,
+                proj_w: torch.Tensor, proj_b: torch.Tensor, out_w: torch.Tensor,
+                out_b: torch.Tensor, n1: int, c0: int, nc: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = _contig((x_rows, t_rows, fourier, temb_w, temb_b, in_w, in_b, hidden_w, hidden_b,
+                    proj_w, proj_b, out_w, out_b))
+    return _kernels().mlp_jet_forward(*args, n1, c0, nc)
+
+
+def _saved_like(x_rows, in_w, fourier, hidden_w):
+    from fpkern.kernels.mlp_jet import saved_shapes
+    R, B, D = x_rows.shape
+    return [x_rows.new_empty(s) for s in saved_shapes(R, B, in_w.shape[0], fourier.shape[0], D,
+                                                      hidden_w.shape[0])]
+
+
+@_mlp_jet_op.register_fake
+def _(x_rows, t_rows, fourier, temb_w, temb_b, in_w, in_b, hidden_w, hidden_b, proj_w, proj_b,
+      out_w, out_b, n1, c0, nc):
+    return (torch.empty_like(x_rows),) + tuple(_saved_like(x_rows, in_w, fourier, hidden_w))
+
+
+@torch.library.custom_op("fpkern::mlp_jet_backward", mutates_args=())
+def _mlp_jet_bwd_op(g_out: torch.Tensor, x_rows: torch.Tensor, t_rows: torch.Tensor,
+                    fourier: torch.Tensor, temb_w: torch.Tensor, in_w: torch.Tensor,
+                    hidden_w: torch.Tensor, proj_w: torch.Tensor, out_w: torch.Tensor,
+                    feats: torch.Tensor, pre_t: torch.Tensor, temb: torch.Tensor,
+                    pre: torch.Tensor, n1: int, c0: int, nc: int) -> list[torch.Tensor]:
+    args = _contig((g_out, x_rows, t_rows, fourier, temb_w, in_w, hidden_w, proj_w, out_w,
+                    feats, pre_t, temb, pre))
+    return list(_kernels().mlp_jet_backward(*args, n1, c0, nc))
+
+
+@_mlp_jet_bwd_op.register_fake
+def _(g_out, x_rows, t_rows, fourier, temb_w, in_w, hidden_w, proj_w, out_w, feats, pre_t,
+      temb, pre, n1, c0, nc):
+    width = in_w.shape[0]
+    like = [x_rows, t_rows, fourier, temb_w, temb_w.new_empty(width), in_w,
+            in_w.new_empty(width), hidden_w, hidden_w.new_empty(hidden_w.shape[:2]), proj_w,
+            proj_w.new_empty(proj_w.shape[:2]), out_w, out_w.new_empty(out_w.shape[0])]
+    return [torch.empty_like(t) for t in like]
+
+
+def _setup(ctx, inputs, output):
+    ctx.spec = tuple(inputs[_N_TENSORS:])
+    ctx.save_for_backward(*inputs[:_N_TENSORS], *output[1:])
+
+
+def _params_of(flat) -> MLPParams:
+    f, wt, bt, win, bin_, wh, bh, wp, bp, wo, bo = flat
+    return MLPParams(f, wt, bt, win, bin_, wh, bh, wp, bp, wo, bo)
+
+
+def _ref_backward(ctx, g_out, inputs):
+    """Gradients from the differentiable reference (used while recording the backward)."""
+    n1, c0, nc = ctx.spec
+    need = [i for i, x in enumerate(inputs) if ctx.needs_input_grad[i]]
+    out = mlp_jet_ref(inputs[0], inputs[1], _params_of(inputs[2:]), (n1, (), (), c0, nc))
+    grads = torch.autograd.grad(out, [inputs[i] for i in need], g_out, create_graph=True,
+                                allow_unused=True)
+    result = [None] * _N_TENSORS
+    for i, g in zip(need, grads):
+        result[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return result
+
+
+def _backward(ctx, g_out, *unused):
+    saved = ctx.saved_tensors
+    inputs, kept = saved[:_N_TENSORS], saved[_N_TENSORS:]
+    if torch.is_grad_enabled():
+        grads = _ref_backward(ctx, g_out, inputs)
+    else:
+        x_rows, t_rows, f, wt, _, win, _, wh, _, wp, _, wo, _ = inputs
+        grads = _mlp_jet_bwd_op(g_out.contiguous(), x_rows, t_rows, f, wt, win, wh, wp, wo,
+                                *kept, *ctx.spec)
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
+    return tuple(grads) + (None, None, None)
+
+
+_mlp_jet_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- public function -------------------------------------------------------------------
+def mlp_jet(x_rows: torch.Tensor, t_rows: torch.Tensor, params: MLPParams, spec) -> torch.Tensor:
+    """Output rows [R, B, D] of the MLP for x rows [R, B, D] and t rows [R, B] in one fused
+    Triton launch (forward and backward); spec = Layout.kernel_spec of the rows."""
+    _check(x_rows, t_rows, params, spec)
+    n1, _, _, c0, nc = spec
+    width = params.in_w.shape[0]
+    p = params
+    hidden = [_stacked(s, p.in_w, shape) for s, shape in
+              ((p.hidden_w, (width, width)), (p.hidden_b, (width,)),
+               (p.proj_w, (width, width)), (p.proj_b, (width,)))]
+    out = _mlp_jet_op(x_rows, t_rows, p.fourier, p.temb_w, p.temb_b, p.in_w, p.in_b, *hidden,
+                      p.out_w, p.out_b, int(n1), int(c0) if nc else 1, int(nc))
+    return out[0]

@@ -1,0 +1,367 @@
+"""The fused MLP-on-jets op (fpkern.ops.mlp_jet): reference against the per-op jet rules and
+nested jvp (float64), the Triton kernels (interpreted on CPU) against the reference, the
+Jet dispatch of fpkern.models.mlp.mlp_forward, and the fused FPE residual end to end."""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.func import jvp
+
+from fpkern import backend
+from fpkern.jet import Jet, Layout
+from fpkern.models import MLP, ScoreFn
+from fpkern.ops import fpe_residual
+from fpkern.ops import mlp_jet as mj
+from fpkern.ops.fused import jet_pass
+from fpkern.sde import VPSDE
+
+F64 = torch.float64
+
+# (n1, pairs, collapse) as the fused residual builds them, plus odd ones
+LAYOUTS = {
+    "laplacian_k1": Layout(n1=2, collapse=(1,)),                 # x, v, time, collapsed
+    "laplacian_k2_jc": Layout(n1=4, collapse=(1, 2)),            # x, v1, v2, c, time, coll.
+    "jvp": Layout(n1=1),                                         # x, c
+    "div_k2": Layout(n1=3),                                      # x, v1, v2, time
+    "collapse_mid": Layout(n1=3, collapse=(2, 3)),
+}
+
+
+def _net(dim=3, width=32, depth=3, embed_dim=16, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    m = MLP(dim, width=width, depth=depth, embed_dim=embed_dim, fourier_scale=2.0).to(dtype)
+    with torch.no_grad():          # non-zero biases, so the value-row-only rule is tested
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3)
+    return m
+
+
+def _rows(layout, B, dim, gen, dtype, time_row=True):
+    """x rows (x, tangents.., 0 for second order) and t rows (t, 0.., 1 on the last first-order
+    row when time_row, 0); random t tangents on the other rows too, to test d/dt paths."""
+    R = layout.rows
+    x = torch.zeros(R, B, dim, dtype=F64)
+    t = torch.zeros(R, B, dtype=F64)
+    x[:1 + layout.n1] = torch.randn(1 + layout.n1, B, dim, generator=gen, dtype=F64)
+    t[0] = torch.rand(B, generator=gen, dtype=F64) * 0.9 + 0.05
+    t[1:1 + layout.n1] = 0.3 * torch.randn(layout.n1, B, generator=gen, dtype=F64)
+    if time_row:
+        x[layout.n1] = 0
+        t[layout.n1] = 1
+    return x.to(dtype), t.to(dtype)
+
+
+def _params(m):
+    return m.mlp_params()
+
+
+def _assert_close(got, want, rtol, what):
+    scale = want.detach().abs().max().clamp_min(1e-30)
+    err = (got.detach() - want.detach()).abs()
+    if (err > rtol * scale).any():
+        i = tuple((err > rtol * scale).nonzero()[0].tolist())
+        raise AssertionError(f"{what}: first mismatch at {i}: {got[i].item()!r} vs "
+                             f"{want[i].item()!r} (max |want| {scale.item():.3g})")
+
+
+# ---- reference -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(LAYOUTS) + ["pairs"])
+def test_reference_equals_per_op_jet_rules(name, gen):
+    layout = LAYOUTS.get(name) or Layout(n1=3, pairs=((1, 3), (2, 2)), collapse=(1, 2))
+    m = _net(dtype=F64)
+    x, t = _rows(layout, 5, 3, gen, F64)
+    with backend.use_backend("torch"):
+        want = m(Jet(x, layout), Jet(t, layout)).rows
+    got = mj.mlp_jet_ref(x, t, _params(m), layout.kernel_spec)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_equals_jet_pass_on_score_fn(gen):
+    """jet_pass(ScoreFn(MLP)) = the reference rows pushed through -out / sigma(t)."""
+    sde = VPSDE()
+    m = _net(dtype=F64)
+    score_fn = ScoreFn(m, sde)
+    B, K = 5, 2
+    layout = Layout(n1=K + 1, collapse=tuple(range(1, K + 1)))
+    x = torch.randn(B, 3, generator=gen, dtype=F64)
+    t = torch.rand(B, generator=gen, dtype=F64) * 0.9 + 0.05
+    V = torch.randn(K, B, 3, generator=gen, dtype=F64)
+    with backend.use_backend("torch"):
+        rows = jet_pass(score_fn, x, t, V, time=True, layout=layout)
+        x_rows = torch.cat([x[None], V, x.new_zeros(2, B, 3)])
+        t_rows = torch.stack([t] + [torch.zeros_like(t)] * K + [torch.ones_like(t),
+                                                                torch.zeros_like(t)])
+        sigma = sde.sigma(Jet(t_rows, layout))
+        want = (-Jet(mj.mlp_jet_ref(x_rows, t_rows, _params(m), layout.kernel_spec), layout)
+                / sigma[:, None]).rows
+    torch.testing.assert_close(rows, want, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_equals_nested_jvp(gen):
+    """Rows of the reference = derivatives of net(x + sum e_i v_i, t + sum e_i tau_i)."""
+    m = _net(dtype=F64)
+    layout = Layout(n1=3, pairs=((1, 2), (3, 3)), collapse=(1, 2))
+    x, t = _rows(layout, 4, 3, gen, F64)
+    got = mj.mlp_jet_ref(x, t, _params(m), layout.kernel_spec)
+
+    def f(z, s):
+        return m(z, s)
+
+    def d1(a):
+        return lambda z, s: jvp(f, (z, s), (x[a], t[a]))[1]
+
+    def d2(a, b):
+        return jvp(d1(a), (x[0], t[0]), (x[b], t[b]))[1]
+
+    want = [f(x[0], t[0])] + [d1(i)(x[0], t[0]) for i in range(1, 4)]
+    want += [d2(a, b) for a, b in layout.pairs]
+    want += [torch.stack([d2(k, k) for k in layout.collapse]).mean(0)]
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-10, atol=1e-10)
+
+
+# ---- the Triton kernels (interpreted on CPU) against the reference -----------------------
+SHAPES = [   # dim, width, depth, embed_dim, B
+    (3, 32, 3, 16, 5),
+    (2, 20, 1, 6, 17),        # width not a power of two, one block, two programs
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", ["laplacian_k1", "laplacian_k2_jc", "jvp", "collapse_mid"])
+def test_kernel_matches_reference_forward_and_gradients(name, shape, gen):
+    dim, width, depth, embed_dim, B = shape
+    layout = LAYOUTS[name]
+    m = _net(dim, width, depth, embed_dim)
+    m.embed.W.requires_grad_(True)          # the kernel differentiates the frequencies too
+    params = _params(m)
+    x, t = _rows(layout, B, dim, gen, torch.float32, time_row=name != "jvp")
+    x1, t1 = x.clone().requires_grad_(), t.clone().requires_grad_()
+    x2, t2 = x.clone().requires_grad_(), t.clone().requires_grad_()
+    with backend.use_backend("triton"):
+        got = mj.mlp_jet(x1, t1, params, layout.kernel_spec)
+    want = mj.mlp_jet_ref(x2, t2, params, layout.kernel_spec)
+    _assert_close(got, want, 2e-5, "forward rows")
+    go = torch.randn(got.shape, generator=gen)
+    names = [n for n, _ in m.named_parameters()]
+    with backend.use_backend("triton"):
+        g1 = torch.autograd.grad(got, [x1, t1] + list(m.parameters()), go)
+    g2 = torch.autograd.grad(want, [x2, t2] + list(m.parameters()), go)
+    for what, a, b in zip(["x rows", "t rows"] + names, g1, g2):
+        _assert_close(a, b, 5e-5, f"grad {what}")
+
+
+def test_hidden_parameters_may_be_stacked(gen):
+    """Per-block parameters as [depth - 1, ...] tensors give the same rows."""
+    m = _net(3, 16, 3, 8)
+    p = _params(m)
+    stacked = p._replace(**{k: torch.stack(getattr(p, k)) for k in
+                            ("hidden_w", "hidden_b", "proj_w", "proj_b")})
+    layout = LAYOUTS["laplacian_k1"]
+    x, t = _rows(layout, 5, 3, gen, torch.float32)
+    with backend.use_backend("triton"):
+        a = mj.mlp_jet(x, t, p, layout.kernel_spec)
+        b = mj.mlp_jet(x, t, stacked, layout.kernel_spec)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(mj.mlp_jet_ref(x, t, stacked, layout.kernel_spec),
+                               mj.mlp_jet_ref(x, t, p, layout.kernel_spec))
+
+
+def test_double_backward_goes_through_the_reference(gen):
+    """create_graph=True (the div form): gradients of gradients match the reference's."""
+    layout = LAYOUTS["div_k2"]
+    m = _net(3, 16, 2, 8)
+    params = _params(m)
+    x, t = _rows(layout, 5, 3, gen, torch.float32)
+
+    def loss(fn):
+        xr = x.clone().requires_grad_()
+        out = fn(xr, t, params, layout.kernel_spec)
+        (gx,) = torch.autograd.grad((out[1:] * out[:1]).sum(), xr, create_graph=True)
+        return torch.autograd.grad((gx[0] ** 2).sum(), [p for p in m.parameters() if p.requires_grad])
+
+    with backend.use_backend("triton"):
+        got = loss(mj.mlp_jet)
+    want = loss(mj.mlp_jet_ref)
+    for a, b in zip(got, want):
+        _assert_close(a, b, 2e-5, "double backward")
+
+
+def test_input_checks(gen):
+    m = _net(3, 16, 2, 8)
+    layout = LAYOUTS["laplacian_k1"]
+    x, t = _rows(layout, 5, 3, gen, torch.float32)
+    spec = layout.kernel_spec
+    with backend.use_backend("triton"):
+        with pytest.raises(ValueError, match=r"t_rows must have shape \[R, B\]"):
+            mj.mlp_jet(x, t[:, :4], _params(m), spec)
+        with pytest.raises(ValueError, match="float32"):
+            mj.mlp_jet(x.double(), t.double(), _params(copy.deepcopy(m).double()), spec)
+        with pytest.raises(ValueError, match="params.in_w has shape"):
+            mj.mlp_jet(x[..., :2], t, _params(m), spec)
+    pairs = Layout(n1=2, pairs=((1, 2),))
+    x, t = _rows(pairs, 5, 3, gen, torch.float32)
+    assert "pair" in mj.kernel_unsupported(x, t, _params(m), pairs.kernel_spec)
+    wide = _net(3, 257, 1, 8)
+    x, t = _rows(layout, 2, 3, gen, torch.float32)
+    assert "width 257" in mj.kernel_unsupported(x, t, _params(wide), spec)
+    big = Layout(n1=8, collapse=(1, 2))
+    x, t = _rows(big, 2, 3, gen, torch.float32)
+    assert "rows" in mj.kernel_unsupported(x, t, _params(m), big.kernel_spec)
+
+
+def test_opcheck(gen):
+    layout = LAYOUTS["laplacian_k1"]
+    m = _net(3, 16, 2, 8)
+    p = _params(m)
+    x, t = _rows(layout, 5, 3, gen, torch.float32)
+    args = (x.requires_grad_(), t, p.fourier, p.temb_w, p.temb_b, p.in_w, p.in_b,
+            torch.stack(p.hidden_w), torch.stack(p.hidden_b), torch.stack(p.proj_w),
+            torch.stack(p.proj_b), p.out_w, p.out_b, 2, 1, 1)
+    with backend.use_backend("triton"):
+        torch.library.opcheck(mj._mlp_jet_op, args)
+
+
+# ---- dispatch from the model -------------------------------------------------------------
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    calls = []
+    real = mj.mlp_jet
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mj, "mlp_jet", spy)
+    return calls
+
+
+@pytest.mark.parametrize("which, dtype, layout, fused", [
+    ("triton", torch.float32, LAYOUTS["laplacian_k1"], True),
+    ("torch", torch.float32, LAYOUTS["laplacian_k1"], False),
+    ("triton", F64, LAYOUTS["laplacian_k1"], False),
+    ("triton", torch.float32, Layout(n1=2, pairs=((1, 2),)), False),
+])
+def test_jet_dispatch_picks_the_kernel_only_where_it_applies(which, dtype, layout, fused,
+                                                              kernel_calls, gen):
+    m = _net(3, 16, 2, 8, dtype=dtype)
+    x, t = _rows(layout, 5, 3, gen, dtype)
+    with backend.use_backend(which):
+        out = m(Jet(x, layout), Jet(t, layout))
+    assert isinstance(out, Jet) and out.layout == layout
+    assert bool(kernel_calls) == fused
+    want = mj.mlp_jet_ref(x.double(), t.double(), _params(copy.deepcopy(m).double()),
+                          layout.kernel_spec)
+    _assert_close(out.rows.double(), want, 1e-5 if dtype == torch.float32 else 1e-12,
+                  f"{which} rows")
+
+
+def test_plain_tensors_and_state_dict_unchanged(kernel_calls):
+    m = _net(3, 16, 3, 8)
+    keys = {"embed.W", "temb.weight", "temb.bias", "inp.weight", "inp.bias", "out.weight",
+            "out.bias"} | {f"{a}.{i}.{b}" for a in ("hidden", "temb_proj") for i in range(2)
+                           for b in ("weight", "bias")}
+    assert set(m.state_dict()) == keys
+    x, t = torch.randn(4, 3), torch.rand(4)
+    with backend.use_backend("triton"):
+        out = m(x, t)
+    temb = m.act(m.temb(m.embed(t)))
+    h = m.inp(x) + temb
+    for layer, proj in zip(m.hidden, m.temb_proj):
+        h = layer(m.act(h)) + proj(temb)
+    torch.testing.assert_close(out, m.out(m.act(h)), rtol=0, atol=0)
+    assert not kernel_calls
+
+
+@pytest.mark.parametrize("form, div_composite", [("laplacian", True), ("div", True),
+                                                  ("div", False)])
+def test_fused_residual_same_with_triton_and_torch(form, div_composite, kernel_calls, gen,
+                                                   monkeypatch):
+    """Same value and parameter gradients. The div form runs its jet pass on the composite
+    rules by default (fused.DIV_FORM_COMPOSITE); with kernels, its reverse pass
+    (create_graph=True) takes the reference backward of the op."""
+    from fpkern.ops import fused
+    monkeypatch.setattr(fused, "DIV_FORM_COMPOSITE", div_composite)
+    sde = VPSDE()
+    m = _net(3, 32, 3, 16)
+    score_fn = ScoreFn(m, sde)
+    B, K = 5, 2
+    x = torch.randn(B, 3, generator=gen)
+    t = torch.rand(B, generator=gen) * 0.9 + 0.05
+    V = torch.randn(K, B, 3, generator=gen)
+    names, trained = zip(*[(n, p) for n, p in m.named_parameters() if p.requires_grad])
+
+    def run(which):
+        with backend.use_backend(which):
+            r = fpe_residual(score_fn, x, t, sde, form=form, method="fused", probes=V)
+            grads = torch.autograd.grad((r ** 2).sum(), trained)
+        return r.detach(), grads
+
+    r_torch, g_torch = run("torch")
+    assert not kernel_calls
+    r_triton, g_triton = run("triton")
+    # laplacian without a known score: the jet pass and the J c pass
+    assert len(kernel_calls) == {"laplacian": 2, "div": 0 if div_composite else 1}[form]
+    _assert_close(r_triton, r_torch, 1e-5, "residual")
+    for name, a, b in zip(names, g_triton, g_torch):
+        _assert_close(a, b, 1e-4, f"grad {name}")
+
+
+# ---- real GPU --------------------------------------------------------------------------
+def _nvidia_backend() -> bool:
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="triton's NVIDIA backend is not installed")
+def test_kernels_compile_for_sm90():
+    """Both kernels go through the whole NVIDIA pipeline (no GPU needed): catches what the
+    interpreter accepts but the compiler does not."""
+    code = textwrap.dedent("""
+        import inspect
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from fpkern.kernels import mlp_jet as k
+        c = k.config(5, 7, 48, 4, 3); c.pop("Bp")
+        consts = dict(WIDTH=48, NL=1, R=5, N1=3, C0=1, NC=2, PREC="tf32x3", **c)
+        for fn in (k._mlp_jet_fwd_kernel, k._mlp_jet_bwd_kernel):
+            names = inspect.signature(fn.fn).parameters
+            sig = {n: "constexpr" if n in consts else "*fp32" if n.endswith("_ptr") else "i32"
+                   for n in names}
+            src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+            out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+            assert "cubin" in out.asm
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["laplacian_k2_jc", "jvp"])
+def test_cuda_kernel_matches_reference(name):
+    gen = torch.Generator().manual_seed(0)
+    layout = LAYOUTS[name]
+    m = _net(3, 256, 3, 64).cuda()
+    m64 = copy.deepcopy(m).double()
+    x, t = _rows(layout, 1000, 3, gen, torch.float32, time_row=name != "jvp")
+    x, t = x.cuda().requires_grad_(), t.cuda().requires_grad_()
+    xd, td = x.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    got = mj.mlp_jet(x, t, _params(m), layout.kernel_spec)
+    want = mj.mlp_jet_ref(xd, td, _params(m64), layout.kernel_spec)
+    _assert_close(got.double(), want, 1e-4, "forward rows")
+    go = torch.randn_like(got)
+    g1 = torch.autograd.grad(got, [x, t] + list(m.parameters()), go)
+    g2 = torch.autograd.grad(want, [xd, td] + list(m64.parameters()), go.double())
+    for a, b in zip(g1, g2):
+        _assert_close(a.double(), b, 1e-4, "gradient")
