@@ -1,8 +1,11 @@
 """Benchmark plumbing: case builders, peak-memory measurement and the ratio summary.
 
-Every benchmark records (case, provider, mode) -> median seconds and peak bytes in RESULTS;
-the terminal summary prints the ratios the engine issue tracks, and
-`--bench-json PATH` writes everything as data with the command, device and commit.
+Every benchmark records (case, provider, mode) -> median and minimum seconds and peak bytes
+in RESULTS; the terminal summary prints the ratios the engine issue tracks, and
+`--bench-json PATH` writes everything as data with the command, device and commit. Ratios
+use the minimum over rounds (T): on a shared or virtual machine the noise only ever adds
+time, and the medians of a few rounds of second-long steps still moved by 20-50% between
+runs on the 2-core CI machine.
 """
 
 from __future__ import annotations
@@ -63,12 +66,18 @@ class PeakMemory:
 def record(benchmark, request):
     def _record(case: str, provider: str, mode: str, fn, **extra):
         mem = PeakMemory()
-        mem(fn)
+        try:
+            mem(fn)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            RESULTS.append(dict(case=case, provider=provider, mode=mode, oom=True))
+            pytest.skip(f"{case} {provider} {mode}: out of GPU memory")
         benchmark.extra_info.update(case=case, provider=provider, mode=mode, peak_bytes=mem.peak,
                                     **extra)
         benchmark.pedantic(fn, rounds=extra.pop("rounds", 5), iterations=1, warmup_rounds=1)
         RESULTS.append(dict(case=case, provider=provider, mode=mode, peak_bytes=mem.peak,
-                            median_s=benchmark.stats.stats.median, **extra))
+                            median_s=benchmark.stats.stats.median,
+                            min_s=benchmark.stats.stats.min, **extra))
     return _record
 
 
@@ -87,7 +96,8 @@ def _device_name() -> str:
 
 
 def _ratios():
-    by = {(r["case"], r["provider"], r["mode"]): r for r in RESULTS}
+    by = {(r["case"], r["provider"], r["mode"]): r for r in RESULTS if not r.get("oom")}
+    T = "min_s"
     rows = []
     for (case, prov, mode), r in sorted(by.items()):
         if prov != "naive":
@@ -95,7 +105,7 @@ def _ratios():
         for other in ("fused", "projected", "torch.func"):
             o = by.get((case, other, mode))
             if o:
-                rows.append((case, mode, other, r["median_s"] / o["median_s"],
+                rows.append((case, mode, other, r[T] / o[T],
                              o["peak_bytes"] / max(r["peak_bytes"], 1)))
     steps = []
     for (case, prov, mode), r in sorted(by.items()):
@@ -104,20 +114,20 @@ def _ratios():
             n = by.get((case, "naive", "train_step"))
             if d:
                 # the FP term's own cost is (step - DSM step): naive's over this provider's
-                fp = (n["median_s"] - d["median_s"]) / max(r["median_s"] - d["median_s"], 1e-12) \
-                    if n else float("nan")
-                steps.append((case, prov, r["median_s"] / d["median_s"], fp))
+                fp = (n[T] - d[T]) / max(r[T] - d[T], 1e-12) if n else float("nan")
+                steps.append((case, prov, r[T] / d[T], fp))
     return rows, steps
 
 
 def _bandwidth():
     """(case, provider, GB/s, fraction of the copy's GB/s) for kernel records with bytes."""
-    by = {(r["case"], r["provider"]): r for r in RESULTS if r["mode"] == "kernel" and "bytes" in r}
+    by = {(r["case"], r["provider"]): r for r in RESULTS
+          if r["mode"] == "kernel" and "bytes" in r and not r.get("oom")}
     out = []
     for (case, prov), r in sorted(by.items()):
         copy = by.get((case, "copy"))
-        gbs = r["bytes"] / r["median_s"] / 1e9
-        frac = gbs / (copy["bytes"] / copy["median_s"] / 1e9) if copy else float("nan")
+        gbs = r["bytes"] / r["min_s"] / 1e9
+        frac = gbs / (copy["bytes"] / copy["min_s"] / 1e9) if copy else float("nan")
         out.append((case, prov, gbs, frac))
     return out
 

@@ -156,6 +156,27 @@ def test_kernel_matches_reference_forward_and_gradients(name, shape, gen):
         _assert_close(a, b, 5e-5, f"grad {what}")
 
 
+def test_kernel_gradcheck_float32(gen):
+    """The hand-written backward kernel against finite differences of the forward kernel
+    itself (float32 only, so loose tolerances; random-projection gradcheck)."""
+    layout = LAYOUTS["laplacian_k1"]
+    m = _net(2, 16, 2, 8)
+    params = _params(m)
+    x, t = _rows(layout, 3, 2, gen, torch.float32)
+    x, t = x.requires_grad_(), t.requires_grad_()
+    spec = layout.kernel_spec
+
+    def f(xr, tr, w_in, w_out):
+        p = params._replace(in_w=w_in, out_w=w_out)
+        return mj.mlp_jet(xr, tr, p, spec)
+
+    w_in = params.in_w.detach().clone().requires_grad_()
+    w_out = params.out_w.detach().clone().requires_grad_()
+    with backend.use_backend("triton"):
+        assert torch.autograd.gradcheck(f, (x, t, w_in, w_out), eps=1e-2, atol=2e-2, rtol=2e-2,
+                                        fast_mode=True)
+
+
 def test_hidden_parameters_may_be_stacked(gen):
     """Per-block parameters as [depth - 1, ...] tensors give the same rows."""
     m = _net(3, 16, 3, 8)
