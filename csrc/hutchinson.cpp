@@ -13,6 +13,7 @@ void hutchinson_forward(const T* v, const T* jv, int64_t K, int64_t rows, int64_
     for (int64_t k = 0; k < K; ++k) {
       const T* vr = v + k * plane + r * cols;
       const T* jr = jv + k * plane + r * cols;
+#pragma omp simd reduction(+ : acc)
       for (int64_t c = 0; c < cols; ++c) {
         acc += static_cast<double>(vr[c]) * static_cast<double>(jr[c]);
       }
