@@ -11,19 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
+from fpkern.kernels._common import load as _ld
+
 _MAX_BLOCK = 4096
 
 
 def _block(cols: int) -> int:
     return max(16, min(_MAX_BLOCK, triton.next_power_of_2(cols)))
-
-
-@triton.jit
-def _load(ptr, offs, mask, UPCAST: tl.constexpr):
-    x = tl.load(ptr + offs, mask=mask, other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
 
 
 @triton.jit
@@ -42,10 +36,10 @@ def _combine_fwd_kernel(dts_ptr, second_ptr, jc_ptr, s_ptr, g2_ptr, f_ptr, out_p
     cols_ = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols_ < cols
     offs = row * cols + cols_
-    half_g2 = 0.5 * _load(g2_ptr, row, True, UPCAST)
-    f = _load(f_ptr, row, True, UPCAST)
-    r = (_load(dts_ptr, offs, mask, UPCAST) - half_g2 * _load(second_ptr, offs, mask, UPCAST)
-         - _load(jc_ptr, offs, mask, UPCAST) + f * _load(s_ptr, offs, mask, UPCAST))
+    half_g2 = 0.5 * _ld(g2_ptr, row, True, UPCAST)
+    f = _ld(f_ptr, row, True, UPCAST)
+    r = (_ld(dts_ptr, offs, mask, UPCAST) - half_g2 * _ld(second_ptr, offs, mask, UPCAST)
+         - _ld(jc_ptr, offs, mask, UPCAST) + f * _ld(s_ptr, offs, mask, UPCAST))
     tl.store(out_ptr + offs, r.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -54,22 +48,22 @@ def _combine_bwd_kernel(go_ptr, second_ptr, s_ptr, g2_ptr, f_ptr, d_dts_ptr, d_s
                         d_jc_ptr, d_s_ptr, d_g2_ptr, d_f_ptr, cols,
                         UPCAST: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    half_g2 = 0.5 * _load(g2_ptr, row, True, UPCAST)
-    f = _load(f_ptr, row, True, UPCAST)
+    half_g2 = 0.5 * _ld(g2_ptr, row, True, UPCAST)
+    f = _ld(f_ptr, row, True, UPCAST)
     acc_g2 = _acc_zeros(BLOCK, FP64)
     acc_f = _acc_zeros(BLOCK, FP64)
     for start in range(0, cols, BLOCK):
         cols_ = start + tl.arange(0, BLOCK)
         mask = cols_ < cols
         offs = row * cols + cols_
-        g = _load(go_ptr, offs, mask, UPCAST)
+        g = _ld(go_ptr, offs, mask, UPCAST)
         ty = d_dts_ptr.dtype.element_ty
         tl.store(d_dts_ptr + offs, g.to(ty), mask=mask)
         tl.store(d_second_ptr + offs, (-half_g2 * g).to(ty), mask=mask)
         tl.store(d_jc_ptr + offs, (-g).to(ty), mask=mask)
         tl.store(d_s_ptr + offs, (f * g).to(ty), mask=mask)
-        acc_g2 += _load(second_ptr, offs, mask, UPCAST) * g
-        acc_f += _load(s_ptr, offs, mask, UPCAST) * g
+        acc_g2 += _ld(second_ptr, offs, mask, UPCAST) * g
+        acc_f += _ld(s_ptr, offs, mask, UPCAST) * g
     tl.store(d_g2_ptr + row, (-0.5 * tl.sum(acc_g2, axis=0)).to(d_g2_ptr.dtype.element_ty))
     tl.store(d_f_ptr + row, tl.sum(acc_f, axis=0).to(d_f_ptr.dtype.element_ty))
 
@@ -84,8 +78,8 @@ def _hutchinson_fwd_kernel(v_ptr, jv_ptr, out_ptr, K, rows, cols,
         for start in range(0, cols, BLOCK):
             cols_ = start + tl.arange(0, BLOCK)
             mask = cols_ < cols
-            v = _load(v_ptr, base + cols_, mask, UPCAST)
-            jv = _load(jv_ptr, base + cols_, mask, UPCAST)
+            v = _ld(v_ptr, base + cols_, mask, UPCAST)
+            jv = _ld(jv_ptr, base + cols_, mask, UPCAST)
             acc += v * jv
     tl.store(out_ptr + row, (tl.sum(acc, axis=0) / K).to(out_ptr.dtype.element_ty))
 
@@ -98,10 +92,10 @@ def _hutchinson_bwd_kernel(go_ptr, v_ptr, jv_ptr, d_v_ptr, d_jv_ptr, K, rows, co
     cols_ = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols_ < cols
     offs = plane * cols + cols_
-    w = _load(go_ptr, row, True, UPCAST) / K
+    w = _ld(go_ptr, row, True, UPCAST) / K
     ty = d_v_ptr.dtype.element_ty
-    tl.store(d_v_ptr + offs, (w * _load(jv_ptr, offs, mask, UPCAST)).to(ty), mask=mask)
-    tl.store(d_jv_ptr + offs, (w * _load(v_ptr, offs, mask, UPCAST)).to(ty), mask=mask)
+    tl.store(d_v_ptr + offs, (w * _ld(jv_ptr, offs, mask, UPCAST)).to(ty), mask=mask)
+    tl.store(d_jv_ptr + offs, (w * _ld(v_ptr, offs, mask, UPCAST)).to(ty), mask=mask)
 
 
 def _upcast(t: torch.Tensor) -> bool:

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fpkern.kernels._common import load as _ld
+
 SILU, TANH, SIGMOID = 0, 1, 2
 _BLOCK = 1024
 
@@ -25,7 +27,8 @@ def _derivs(x, ACT: tl.constexpr):
         s = 1.0 / (1.0 + tl.exp(-x))
         p = s * (1.0 - s)
         q = 1.0 - 2.0 * s
-        return x * s, s * (1.0 + x * (1.0 - s)), p * (2.0 + x * q), p * (q * (3.0 + x * q) - 2.0 * x * p)
+        d3 = p * (q * (3.0 + x * q) - 2.0 * x * p)
+        return x * s, s * (1.0 + x * (1.0 - s)), p * (2.0 + x * q), d3
     elif ACT == 1:    # tanh
         e2 = tl.exp(-2.0 * tl.abs(x))
         y = (1.0 - e2) / (1.0 + e2)
@@ -36,14 +39,6 @@ def _derivs(x, ACT: tl.constexpr):
         s = 1.0 / (1.0 + tl.exp(-x))
         p = s * (1.0 - s)
         return s, p, p * (1.0 - 2.0 * s), p - 6.0 * p * p
-
-
-@triton.jit
-def _ld(ptr, offs, mask, UPCAST: tl.constexpr):
-    v = tl.load(ptr + offs, mask=mask, other=0.0)
-    if UPCAST:
-        v = v.to(tl.float32)
-    return v
 
 
 @triton.jit
@@ -63,8 +58,8 @@ def _fwd_kernel(x_ptr, y_ptr, pa_ptr, pb_ptr, M, ACT: tl.constexpr, N1: tl.const
         r = 1 + N1 + j
         a = tl.load(pa_ptr + j)
         b = tl.load(pb_ptr + j)
-        yr = (d1 * _ld(x_ptr, r * M + offs, mask, UPCAST)
-              + d2 * _ld(x_ptr, a * M + offs, mask, UPCAST) * _ld(x_ptr, b * M + offs, mask, UPCAST))
+        xab = _ld(x_ptr, a * M + offs, mask, UPCAST) * _ld(x_ptr, b * M + offs, mask, UPCAST)
+        yr = d1 * _ld(x_ptr, r * M + offs, mask, UPCAST) + d2 * xab
         tl.store(y_ptr + r * M + offs, yr.to(ty), mask=mask)
     if NC > 0:
         z = 1 + N1 + NPAIRS

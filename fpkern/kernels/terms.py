@@ -14,15 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fpkern.kernels._common import load as _ld
+
 _BLOCK = 1024
-
-
-@triton.jit
-def _ld(ptr, offs, mask, UPCAST: tl.constexpr):
-    v = tl.load(ptr + offs, mask=mask, other=0.0)
-    if UPCAST:
-        v = v.to(tl.float32)
-    return v
 
 
 @triton.jit

@@ -5,7 +5,8 @@ fpkern.ops.jet_act (activations), fpkern.ops.group_norm_jet, fpkern.ops.mlp_jet 
 MLP, Triton) and fpkern.ops.terms (the laplacian-form FPE terms)."""
 
 from fpkern.ops._common import scalar_fpe_rhs
-from fpkern.ops.combine import fpe_combine, fpe_combine_ref, hutchinson_reduce, hutchinson_reduce_ref
+from fpkern.ops.combine import (fpe_combine, fpe_combine_ref, hutchinson_reduce,
+                                hutchinson_reduce_ref)
 from fpkern.ops.terms import combine_terms, combine_terms_ref
 from fpkern.ops.probes import PROBE_DISTS, draw_probes
 from fpkern.ops.residual import (FORMS, METHODS, FPETerms, fpe_residual, fpe_terms,

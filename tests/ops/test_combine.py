@@ -5,20 +5,14 @@ import torch
 
 from fpkern import backend
 from fpkern.ops import fpe_combine, fpe_combine_ref, hutchinson_reduce, hutchinson_reduce_ref
+from tests.ops.kernel_checks import assert_close, backends, device_for
 
 SHAPES = [(1, 1), (5, 123), (3, 2, 7, 9), (4, 4097)]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}
 
 
-def _backends():
-    out = ["torch", "cpp"]
-    if backend.available("triton", "cuda" if torch.cuda.is_available() else "cpu"):
-        out.append("triton")
-    return out
 
 
-def _device(name):
-    return "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def _combine_inputs(shape, dtype, device, gen):
@@ -26,13 +20,6 @@ def _combine_inputs(shape, dtype, device, gen):
     return [mk(*shape) for _ in range(4)] + [mk(shape[0]).abs(), mk(shape[0])]
 
 
-def _assert_close(got, want, tol, what):
-    assert got.shape == want.shape and got.dtype == want.dtype, what
-    err = (got.double() - want.double()).abs()
-    bound = tol * (1 + want.double().abs())
-    if (err > bound).any():
-        i = tuple((err > bound).nonzero()[0].tolist())
-        raise AssertionError(f"{what}: first mismatch at {i}: {got[i].item()!r} vs {want[i].item()!r}")
 
 
 def test_cpp_extension_is_built():
@@ -46,30 +33,30 @@ def test_triton_runs_here():
     assert backend.available("triton", device), "triton must run (interpreted on CPU)"
 
 
-@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("name", backends())
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_combine_forward_and_backward_match_reference(name, shape, dtype, gen):
-    args = _combine_inputs(shape, dtype, _device(name), gen)
+    args = _combine_inputs(shape, dtype, device_for(name), gen)
     a1 = [a.clone().requires_grad_() for a in args]
     a2 = [a.clone().requires_grad_() for a in args]
     with backend.use_backend(name):
         out = fpe_combine(*a1)
     ref = fpe_combine_ref(*a2)
-    _assert_close(out, ref, TOL[dtype], f"{name} forward")
+    assert_close(out, ref, TOL[dtype], f"{name} forward")
     go = torch.randn(shape, generator=gen, dtype=torch.float64).to(out)
     with backend.use_backend(name):
         grads = torch.autograd.grad(out, a1, go)
     want = torch.autograd.grad(ref, a2, go)
     for i, (g, w) in enumerate(zip(grads, want)):
-        _assert_close(g, w, TOL[dtype] * (shape[-1] ** 0.5 if i >= 4 else 1), f"{name} grad {i}")
+        assert_close(g, w, TOL[dtype] * (shape[-1] ** 0.5 if i >= 4 else 1), f"{name} grad {i}")
 
 
-@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("name", backends())
 @pytest.mark.parametrize("K, shape", [(1, (1, 1)), (3, (5, 123)), (2, (3, 2, 5, 5)), (4, (2, 3000))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_hutchinson_forward_and_backward_match_reference(name, K, shape, dtype, gen):
-    dev = _device(name)
+    dev = device_for(name)
     v = torch.randn((K,) + shape, generator=gen, dtype=torch.float64).to(dev, dtype)
     jv = torch.randn((K,) + shape, generator=gen, dtype=torch.float64).to(dev, dtype)
     v1, jv1 = v.clone().requires_grad_(), jv.clone().requires_grad_()
@@ -78,13 +65,13 @@ def test_hutchinson_forward_and_backward_match_reference(name, K, shape, dtype, 
         out = hutchinson_reduce(v1, jv1)
     ref = hutchinson_reduce_ref(v2, jv2)
     n = v[0, 0].numel()
-    _assert_close(out, ref, TOL[dtype] * n ** 0.5, f"{name} forward")
+    assert_close(out, ref, TOL[dtype] * n ** 0.5, f"{name} forward")
     go = torch.randn(shape[0], generator=gen, dtype=torch.float64).to(out)
     with backend.use_backend(name):
         grads = torch.autograd.grad(out, (v1, jv1), go)
     want = torch.autograd.grad(ref, (v2, jv2), go)
     for g, w in zip(grads, want):
-        _assert_close(g, w, TOL[dtype], f"{name} backward")
+        assert_close(g, w, TOL[dtype], f"{name} backward")
 
 
 def test_reference_is_the_defining_formula(gen):
@@ -97,9 +84,9 @@ def test_reference_is_the_defining_formula(gen):
     assert torch.allclose(hutchinson_reduce_ref(v, jv), want, rtol=1e-14)
 
 
-@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("name", backends())
 def test_gradcheck(name, gen):
-    dev = _device(name)
+    dev = device_for(name)
     args = [a.requires_grad_() for a in _combine_inputs((3, 5), torch.float64, dev, gen)]
     v = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen).to(dev).requires_grad_()
     jv = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen).to(dev).requires_grad_()

@@ -11,6 +11,7 @@ from fpkern.jet import Jet, Layout
 from fpkern.models import layers as L
 from fpkern.ops import group_norm_jet as gnj
 from fpkern.ops.group_norm_jet import group_norm_jet, group_norm_jet_ref
+from tests.ops.kernel_checks import assert_close, backends, device_for
 
 F64 = torch.float64
 LAYOUTS = {
@@ -23,25 +24,10 @@ SHAPES = [(3, 6, 3, (5, 7)), (3, 6, 2, (5,)), (2, 4, 4, ())]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
-def _backends():
-    out = ["torch", "cpp"]
-    if backend.available("triton", "cuda" if torch.cuda.is_available() else "cpu"):
-        out.append("triton")
-    return out
 
 
-def _device(name):
-    return "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
 
 
-def _assert_close(got, want, tol, what):
-    assert got.shape == want.shape and got.dtype == want.dtype, what
-    err = (got.double() - want.double()).abs()
-    bound = tol * (1 + want.double().abs())
-    if (err > bound).any():
-        i = tuple((err > bound).nonzero()[0].tolist())
-        raise AssertionError(f"{what}: first mismatch at {i}: {got[i].item()!r} vs "
-                             f"{want[i].item()!r} (max error {err.max().item():.3g})")
 
 
 def _inputs(shape, layout, gen, dtype=F64, device="cpu"):
@@ -76,7 +62,7 @@ def test_cpp_extension_binds_the_kernels():
     assert hasattr(lib, "group_norm_jet_forward") and hasattr(lib, "group_norm_jet_backward")
 
 
-@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("name", backends())
 @pytest.mark.parametrize("layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
@@ -88,21 +74,21 @@ def test_forward_matches_nested_jvp(name, layout, shape, affine, gen):
     want = _nested_jvp_rows(lambda y: F.group_norm(y, G, w, b, 1e-5), rows[0],
                             rows[1:1 + layout.n1], layout)
     spec = layout.kernel_spec
-    _assert_close(group_norm_jet_ref(rows, G, w, b, 1e-5, spec), want, 1e-12, "reference")
-    dev = _device(name)
+    assert_close(group_norm_jet_ref(rows, G, w, b, 1e-5, spec), want, 1e-12, "reference")
+    dev = device_for(name)
     with backend.use_backend(name):
         got = group_norm_jet(rows.to(dev), G, *(None if t is None else t.to(dev) for t in (w, b)),
                              eps=1e-5, spec=spec)
-    _assert_close(got.cpu(), want, 1e-12, f"{name} forward")
+    assert_close(got.cpu(), want, 1e-12, f"{name} forward")
 
 
-@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("name", backends())
 @pytest.mark.parametrize("layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_forward_and_backward_match_reference(name, layout, dtype, affine, gen):
     shape = (3, 6, 3, (5, 7)) if name != "triton" else (2, 6, 3, (3, 5))
-    rows, w, b = _inputs(shape, layout, gen, dtype, _device(name))   # nonzero second-order rows
+    rows, w, b = _inputs(shape, layout, gen, dtype, device_for(name))   # nonzero second-order rows
     ins = [rows] + ([w, b] if affine else [])
     a1 = [t.clone().requires_grad_() for t in ins]
     a2 = [t.double().requires_grad_() for t in ins]            # the reference, in float64
@@ -110,32 +96,32 @@ def test_forward_and_backward_match_reference(name, layout, dtype, affine, gen):
     with backend.use_backend(name):
         out = group_norm_jet(a1[0], G, *(a1[1:] or [None, None]), eps=1e-5, spec=spec)
     ref = group_norm_jet_ref(a2[0], G, *(a2[1:] or [None, None]), 1e-5, spec)
-    _assert_close(out, ref.to(dtype), TOL[dtype], f"{name} forward")
+    assert_close(out, ref.to(dtype), TOL[dtype], f"{name} forward")
     go = torch.randn(out.shape, generator=gen, dtype=F64)
     with backend.use_backend(name):
         grads = torch.autograd.grad(out, a1, go.to(out))
     want = torch.autograd.grad(ref, a2, go)
     for what, g, wnt in zip(["rows", "weight", "bias"], grads, want):
         n = rows[0, 0].numel() if what != "rows" else 1            # reductions over B, R, space
-        _assert_close(g, wnt.to(dtype), TOL[dtype] * n ** 0.5, f"{name} grad {what}")
+        assert_close(g, wnt.to(dtype), TOL[dtype] * n ** 0.5, f"{name} grad {what}")
 
 
-@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("name", backends())
 def test_bfloat16_rows_compute_in_float32(name, gen):
     layout = LAYOUTS["pairs+collapsed"]
-    rows, w, b = _inputs((2, 4, 2, (3,)), layout, gen, torch.bfloat16, _device(name))
+    rows, w, b = _inputs((2, 4, 2, (3,)), layout, gen, torch.bfloat16, device_for(name))
     with backend.use_backend(name):
         out = group_norm_jet(rows, 2, w, b, 1e-5, layout.kernel_spec)
     ref = group_norm_jet_ref(rows.double(), 2, w.double(), b.double(), 1e-5, layout.kernel_spec)
     assert out.dtype == torch.bfloat16
-    _assert_close(out, ref.to(torch.bfloat16), 3e-2, f"{name} bfloat16 forward")
+    assert_close(out, ref.to(torch.bfloat16), 3e-2, f"{name} bfloat16 forward")
 
 
-@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("name", backends())
 def test_gradcheck(name, gen):
     layout = LAYOUTS["pairs+collapsed"]
     rows, w, b = (t.requires_grad_() for t in _inputs((2, 4, 2, (3,)), layout, gen,
-                                                      device=_device(name)))
+                                                      device=device_for(name)))
     fn = lambda r, w_, b_: group_norm_jet(r, 2, w_, b_, 1e-5, layout.kernel_spec)  # noqa: E731
     with backend.use_backend(name):
         assert torch.autograd.gradcheck(fn, (rows, w, b), fast_mode=name == "triton")
@@ -153,13 +139,13 @@ def test_double_backward(gen):
     plain = torch.autograd.grad(fn(rows, w, b), (rows, w, b), go)
     graph = torch.autograd.grad(fn(rows, w, b), (rows, w, b), go, create_graph=True)
     for p, g in zip(plain, graph):
-        _assert_close(p, g.detach(), 1e-12, "kernel vs create_graph gradient")
+        assert_close(p, g.detach(), 1e-12, "kernel vs create_graph gradient")
     second = torch.autograd.grad(sum(g.pow(2).sum() for g in graph), (rows, w))
     ref_graph = torch.autograd.grad(group_norm_jet_ref(rows, 2, w, b, 1e-5, spec), (rows, w, b),
                                     go, create_graph=True)
     want = torch.autograd.grad(sum(g.pow(2).sum() for g in ref_graph), (rows, w))
     for s, wnt in zip(second, want):
-        _assert_close(s, wnt, 1e-12, "second-order gradient")
+        assert_close(s, wnt, 1e-12, "second-order gradient")
 
 
 def test_double_backward_with_frozen_inputs(gen):
@@ -173,14 +159,14 @@ def test_double_backward_with_frozen_inputs(gen):
     ref = group_norm_jet_ref(rows, 2, w, b, 1e-5, layout.kernel_spec)
     (rg,) = torch.autograd.grad(ref.pow(3).sum(), rows, create_graph=True)
     (rgg,) = torch.autograd.grad(rg.sum(), rows)
-    _assert_close(gg, rgg, 1e-10, "second-order gradient")
+    assert_close(gg, rgg, 1e-10, "second-order gradient")
 
 
-@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("name", backends())
 def test_opcheck_registration(name, gen):
     layout = LAYOUTS["pairs+collapsed"]
     n1, pa, pb, c0, nc = layout.kernel_spec
-    rows, w, b = _inputs((2, 4, 2, (3,)), layout, gen, device=_device(name))
+    rows, w, b = _inputs((2, 4, 2, (3,)), layout, gen, device=device_for(name))
     layout_args = (n1, list(pa), list(pb), c0, nc)
     with backend.use_backend(name):
         for wb in ((w, b), (None, None)):
@@ -226,7 +212,7 @@ def test_cpp_binding_checks_shapes(gen):
     lib.group_norm_jet_forward(x.numpy(), None, None, 3, 1e-5, *args, y.numpy(), mean.numpy(),
                                var.numpy())
     want = group_norm_jet_ref(x, 3, None, None, 1e-5, layout.kernel_spec)
-    _assert_close(y, want, 1e-12, "direct call")
+    assert_close(y, want, 1e-12, "direct call")
     with pytest.raises(ValueError, match="mean: dimension 1 is 3, expected 2"):
         lib.group_norm_jet_forward(x.numpy(), None, None, 2, 1e-5, *args, y.numpy(),
                                    mean.numpy(), var.numpy())
@@ -275,9 +261,9 @@ def test_jet_rule_uses_the_fused_op_when_it_can(layout, gen, monkeypatch):
     var, mean = torch.var_mean(xg, dim=-1, unbiased=False, keepdim=True)
     want = ((xg - mean) * torch.rsqrt(var + 1e-6)).reshape(2, 6, 4) * w.reshape(1, -1, 1) \
         + b.reshape(1, -1, 1)
-    _assert_close(got, want.rows, 1e-12, "module on a Jet")
+    assert_close(got, want.rows, 1e-12, "module on a Jet")
     x = rows[0]
-    _assert_close(m(x), F.group_norm(x, 3, w, b, 1e-6), 1e-12, "module on a tensor")
+    assert_close(m(x), F.group_norm(x, 3, w, b, 1e-6), 1e-12, "module on a tensor")
 
 
 def test_module_keeps_nested_forward_mode_on_plain_tensors(gen):
@@ -288,4 +274,4 @@ def test_module_keeps_nested_forward_mode_on_plain_tensors(gen):
     got = jvp(lambda y: jvp(m, (y,), (v,))[1], (x,), (u,))[1]
     ref = lambda y: F.group_norm(y.contiguous(), 3, m.weight, m.bias, 1e-6)  # noqa: E731
     want = jvp(lambda y: jvp(ref, (y,), (v,))[1], (x,), (u,))[1]
-    _assert_close(got, want, 1e-10, "nested jvp")
+    assert_close(got, want, 1e-10, "nested jvp")

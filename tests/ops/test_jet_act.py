@@ -8,6 +8,13 @@ from torch.func import jvp
 from fpkern import backend
 from fpkern.jet import Layout
 from fpkern.ops.jet_act import ACTS, jet_act, jet_act_ref
+from tests.ops.kernel_checks import assert_close, backends, device_for
+
+
+def _close(got, want, tol, what):
+    """Against a float64 reference: the dtypes differ by design."""
+    assert_close(got, want, tol, what, check_dtype=False)
+
 
 F64 = torch.float64
 LAYOUTS = {
@@ -20,15 +27,8 @@ FN = {"silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}   # rows ~ 2 randn
 
 
-def _backends():
-    out = ["torch", "cpp"]
-    if backend.available("triton", "cuda" if torch.cuda.is_available() else "cpu"):
-        out.append("triton")
-    return out
 
 
-def _device(name):
-    return "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def _rows(layout, shape, gen, dtype=F64):
@@ -49,13 +49,6 @@ def _nested_jvp_rows(fn, rows, layout):
     return torch.stack(out)
 
 
-def _close(got, want, tol, what):
-    err = (got.double() - want.double()).abs()
-    bound = tol * (1 + want.double().abs())
-    if (err > bound).any():
-        i = tuple((err > bound).nonzero()[0].tolist())
-        raise AssertionError(f"{what}: first mismatch at {i}: {got[i].item()!r} vs "
-                             f"{want[i].item()!r}")
 
 
 @pytest.mark.parametrize("act", sorted(ACTS))
@@ -67,14 +60,14 @@ def test_reference_is_the_second_order_taylor_rule(act, lname, gen):
            1e-12, f"{act}/{lname}")
 
 
-@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("name", backends())
 @pytest.mark.parametrize("act", sorted(ACTS))
 @pytest.mark.parametrize("lname", sorted(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_backends_match_reference_forward_and_backward(name, act, lname, dtype, gen):
     layout = LAYOUTS[lname]
     shape = (3, 2, 7, 9) if dtype != torch.bfloat16 else (5, 123)
-    rows = _rows(layout, shape, gen, dtype).to(_device(name))
+    rows = _rows(layout, shape, gen, dtype).to(device_for(name))
     grad = torch.randn(rows.shape, generator=gen, dtype=F64).to(rows)
     a = rows.clone().requires_grad_(True)
     with backend.use_backend(name):

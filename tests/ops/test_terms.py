@@ -5,20 +5,20 @@ import torch
 
 from fpkern import backend
 from fpkern.ops.terms import combine_terms, combine_terms_ref
+from tests.ops.kernel_checks import assert_close, backends, device_for
+
+
+def _close(got, want, tol, what):
+    """Against a float64 reference: the dtypes differ by design."""
+    assert_close(got, want, tol, what, check_dtype=False)
+
 
 F64 = torch.float64
 TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
-def _backends():
-    out = ["torch", "cpp"]
-    if backend.available("triton", "cuda" if torch.cuda.is_available() else "cpu"):
-        out.append("triton")
-    return out
 
 
-def _device(name):
-    return "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def _inputs(K, shape, dtype, device, gen):
@@ -28,13 +28,6 @@ def _inputs(K, shape, dtype, device, gen):
         [mk(B).abs(), mk(B), mk(B).abs()]
 
 
-def _close(got, want, tol, what):
-    err = (got.double() - want.double()).abs()
-    bound = tol * (1 + want.double().abs())
-    if (err > bound).any():
-        i = tuple((err > bound).nonzero()[0].tolist())
-        raise AssertionError(f"{what}: first mismatch at {i}: {got[i].item()!r} vs "
-                             f"{want[i].item()!r}")
 
 
 def test_reference_matches_definitions(gen):
@@ -49,13 +42,13 @@ def test_reference_matches_definitions(gen):
         _close(h[b], 0.5 * g2[b] * (db + s[b] @ s[b]) - f[b] * (x[b] @ s[b]), 1e-14, "h")
 
 
-@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("name", backends())
 @pytest.mark.parametrize("shape", [(1, 1), (5, 123), (3, 2, 7, 9), (2, 4097)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("m", [2.0, 1.5])
 def test_backends_match_reference(name, shape, dtype, m, gen):
     K = 2
-    args = _inputs(K, shape, dtype, _device(name), gen)
+    args = _inputs(K, shape, dtype, device_for(name), gen)
     a1 = [a.clone().requires_grad_() for a in args]
     a2 = [a.clone().double().requires_grad_() for a in args]
     with backend.use_backend(name):
@@ -73,9 +66,9 @@ def test_backends_match_reference(name, shape, dtype, m, gen):
         _close(got, want, TOL[dtype] * 10, f"{name} grad {what}")
 
 
-@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("name", backends())
 def test_gradcheck_and_double_backward(name, gen):
-    device = _device(name)
+    device = device_for(name)
     args = [a.requires_grad_() for a in _inputs(2, (3, 4), F64, device, gen)]
     fast = name == "triton"          # the interpreter is slow: random-projection gradcheck
     with backend.use_backend(name):
@@ -85,9 +78,9 @@ def test_gradcheck_and_double_backward(name, gen):
             assert torch.autograd.gradgradcheck(lambda *a: combine_terms(*a, 2.0), args)
 
 
-@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("name", backends())
 def test_zero_residual_has_finite_gradients_for_small_m(name, gen):
-    v, jv, w, lap, s, x, g2, f, wt = _inputs(1, (2, 3), F64, _device(name), gen)
+    v, jv, w, lap, s, x, g2, f, wt = _inputs(1, (2, 3), F64, device_for(name), gen)
     w, lap, f = torch.zeros_like(w).requires_grad_(), torch.zeros_like(lap), torch.zeros_like(f)
     with backend.use_backend(name):
         r, div, loss, h = combine_terms(v, jv, w, lap, s, x, g2, f, wt, 1.0)
