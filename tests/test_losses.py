@@ -77,6 +77,41 @@ def test_fp_scalar_term_reuses_dsm_score():
     assert len(calls) == 1  # only the divergence pass: s comes from the DSM forward
 
 
+@pytest.mark.parametrize("m", [2.0, 1.5])
+def test_fused_laplacian_loss_takes_both_terms_from_one_jet_pass(m):
+    """form 'laplacian', method 'fused': vec = w |r_V|^m / D^m and the scalar term with the
+    same probes V, from a single call of the score function on Jets (plus none on tensors:
+    s is the DSM forward's)."""
+    from fpkern.jet import Jet
+    from fpkern.ops import forward_mode
+    from fpkern.ops.probes import resolve_probes
+    sde = VPSDE()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    f = Field()
+    dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(8))
+    calls = []
+
+    def counted(y, t):
+        calls.append(isinstance(y, Jet))
+        return f(y, t)
+
+    fp = FPLoss(sde, alpha=0.3, beta=0.2, m=m, form="laplacian", method="fused", probes=2)
+    out = fp(counted, x, dsm=dsm, generator=torch.Generator().manual_seed(9))
+    assert calls == [True]
+    V = resolve_probes(2, dsm.xt, "rademacher", torch.Generator().manual_seed(9))
+    r = forward_mode.residual(f, dsm.xt, dsm.t, sde, "laplacian", V)
+    want_vec = sde.g2(dsm.t) * r.flatten(1).norm(dim=1) ** m / 3 ** m
+    s, jv = forward_mode.directional(f, dsm.xt, dsm.t, V)
+    div = (V * jv).flatten(2).sum(2).mean(0)
+    h = 0.5 * sde.g2(dsm.t) * (div + s.pow(2).sum(1)) - sde.f(dsm.t) * (dsm.xt * s).sum(1)
+    torch.testing.assert_close(out.vec, want_vec)
+    torch.testing.assert_close(out.scalar, h.norm())
+    torch.testing.assert_close(out.loss, 0.3 * want_vec.mean() + 0.2 * h.norm())
+    (g,) = torch.autograd.grad(out.loss, [f.w])
+    (g_want,) = torch.autograd.grad(0.3 * want_vec.mean() + 0.2 * h.norm(), [f.w])
+    torch.testing.assert_close(g, g_want)
+
+
 def test_fp_points_and_subset():
     sde = VPSDE()
     x = torch.rand(8, 3, dtype=torch.float64)

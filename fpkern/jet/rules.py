@@ -360,15 +360,20 @@ def _unary(derivs, fused: str | None = None):
     return handler
 
 
-def _fused_act(x: Jet, act: str):
-    """The rule as one fused kernel (fpkern.ops.jet_act) where a native backend runs it: C++
-    on CPU, Triton on CUDA. None where only torch would (then the composite rule is as fast)
-    or where kernels are switched off (composite_rules)."""
+def _native_backend(rows: torch.Tensor) -> bool:
+    """Whether a fused op on `rows` runs a kernel (C++ on CPU, Triton on CUDA): with only
+    the torch backend, its reference is no faster than the composite rules."""
     from fpkern import backend
+    return backend.select(rows) != "torch"
+
+
+def _fused_act(x: Jet, act: str):
+    """The rule as one fused kernel (fpkern.ops.jet_act) where a native backend runs it; None
+    elsewhere or where kernels are switched off (composite_rules)."""
     from fpkern.ops.jet_act import jet_act
     spec = x.layout.kernel_spec
     if (spec is None or len(x.rows.shape) < 2 or not kernels_enabled()
-            or backend.select(x.rows) == "torch"):
+            or not _native_backend(x.rows)):
         return None
     return jet_act(x.rows, act, spec)
 
@@ -607,7 +612,7 @@ def _group_norm(func, args, kwargs):
     spec = x.layout.kernel_spec
     if (spec is not None and x.rows.dtype in (torch.float32, torch.float64) and x.dim() >= 2
             and not isinstance(weight, Jet) and not isinstance(bias, Jet)
-            and kernels_enabled()):
+            and kernels_enabled() and _native_backend(x.rows)):
         # the fused rule (one op, hand-written backward); lazy import: fpkern.ops uses jets
         from fpkern.ops.group_norm_jet import group_norm_jet
         return _wrap(group_norm_jet(x.rows, groups, weight, bias, eps, spec), x.layout)
