@@ -1,10 +1,8 @@
 // GroupNorm jet rule (fpkern/jet/rules.py `_group_norm`), fused: every Taylor row of the
 // output from one read of the input rows per (sample, group).
 //
-// Rows: a contiguous (R, B, C, S) array, S = the spatial size. Row 0 is the value, rows
-// 1..n1 first-order coefficients, then one row per pair (pair_a[j], pair_b[j]) (mixed second
-// order), then, when nc > 0, the collapsed row averaging the second order over rows
-// c0 .. c0+nc-1. Per sample b and group g (N = C/G * S elements, m = mean over them):
+// Rows: a contiguous (R, B, C, S) array, S = the spatial size, laid out as JetLayout says
+// (jet_layout.h). Per sample b and group g (N = C/G * S elements, m = mean over them):
 //   c_r = X_r - m(X_r)
 //   v_0 = m(c0 c0), v_i = 2 m(c0 c_i), v_q = 2 m(c0 c_q) + 2 m(c_a c_b),
 //   v_z = 2 m(c0 c_z) + 2 mean_k m(c_k c_k)                    (the variance's Taylor rows)
@@ -18,20 +16,16 @@
 
 #include <cstdint>
 
+#include "jet_layout.h"
+
 namespace fpkern {
 
-struct GroupNormJetShape {
-  int64_t rows;           // R = 1 + n1 + npairs + (nc > 0)
+// The row layout plus the per-row tensor shape (R, B, C, S).
+struct GroupNormJetShape : JetLayout {
   int64_t batch;          // B
   int64_t channels;       // C, a multiple of groups
   int64_t spatial;        // S
   int64_t groups;         // G
-  int64_t n1;
-  int64_t npairs;
-  const int64_t* pair_a;  // npairs entries, 1-based first-order rows
-  const int64_t* pair_b;
-  int64_t c0;             // first collapsed first-order row
-  int64_t nc;             // number of collapsed rows (0: no collapsed row)
 };
 
 // Forward: y (R, B, C, S) and per (b, g) the row means and variance rows, mean and var

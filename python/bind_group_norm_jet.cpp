@@ -27,22 +27,7 @@ struct Shape {
                             std::to_string(C) + " channels");
     }
     if (S < 1) throw py::value_error("rows: the spatial size must be at least 1");
-    const int64_t P = a.shape(0);
-    const int64_t want = 1 + n1 + P + (nc > 0 ? 1 : 0);
-    if (R != want) {
-      throw py::value_error("rows: the layout has " + std::to_string(want) + " rows, got " +
-                            std::to_string(R));
-    }
-    for (int64_t j = 0; j < P; ++j) {
-      if (a.at(j) < 1 || a.at(j) > n1 || b.at(j) < 1 || b.at(j) > n1) {
-        throw py::value_error("pair names a row outside the first-order rows 1.." +
-                              std::to_string(n1));
-      }
-    }
-    if (nc < 0 || (nc > 0 && (c0 < 1 || c0 + nc - 1 > n1))) {
-      throw py::value_error("collapsed rows outside the first-order rows 1.." + std::to_string(n1));
-    }
-    L = {R, B, C, S, groups, n1, P, a.data(), b.data(), c0, nc};
+    L = {checked_layout(R, n1, a.shape(0), a.data(), b.data(), c0, nc), B, C, S, groups};
   }
 };
 

@@ -22,21 +22,7 @@ struct Layout {
          int64_t c0, int64_t nc)
       : a(std::move(pa)), b(std::move(pb)) {
     if (a.size() != b.size()) throw py::value_error("pair_a and pair_b differ in length");
-    const int64_t want = 1 + n1 + static_cast<int64_t>(a.size()) + (nc > 0 ? 1 : 0);
-    if (rows != want) {
-      throw py::value_error("rows: the layout has " + std::to_string(want) + " rows, got " +
-                            std::to_string(rows));
-    }
-    for (size_t j = 0; j < a.size(); ++j) {
-      if (a[j] < 1 || a[j] > n1 || b[j] < 1 || b[j] > n1) {
-        throw py::value_error("pair names a row outside the first-order rows 1.." +
-                              std::to_string(n1));
-      }
-    }
-    if (nc > 0 && (c0 < 1 || c0 + nc - 1 > n1)) {
-      throw py::value_error("collapsed rows outside the first-order rows 1.." + std::to_string(n1));
-    }
-    L = {rows, n1, static_cast<int64_t>(a.size()), a.data(), b.data(), c0, nc};
+    L = checked_layout(rows, n1, static_cast<int64_t>(a.size()), a.data(), b.data(), c0, nc);
   }
 };
 
