@@ -3,30 +3,26 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import jvp
 
 from fpkern.jet import Jet, JetUnsupported, Layout
+from tests.jet.nested_jvp import nested_jvp_rows
 
 F64 = torch.float64
 
 
+def _input_rows(x, V, layout):
+    """A network input's rows: the value, the probes, zero second order."""
+    zeros = x.new_zeros((layout.rows - 1 - V.shape[0],) + tuple(x.shape))
+    return torch.cat([x[None], V, zeros])
+
+
 def _reference_rows(fn, x, V, layout):
     """Rows of fn's jet computed by nested jvp: first order, mixed pairs, collapsed."""
-    out = fn(x)
-    first = [jvp(fn, (x,), (v,))[1] for v in V]
-
-    def mixed(a, b):
-        return jvp(lambda y: jvp(fn, (y,), (a,))[1], (x,), (b,))[1]
-
-    pairs = [mixed(V[a - 1], V[b - 1]) for a, b in layout.pairs]
-    coll = ([torch.stack([mixed(V[k - 1], V[k - 1]) for k in layout.collapse]).mean(0)]
-            if layout.collapse else [])
-    return torch.stack([out] + first + pairs + coll)
+    return nested_jvp_rows(fn, _input_rows(x, V, layout), layout)
 
 
 def _jet_rows(fn, x, V, layout):
-    zeros = x.new_zeros((layout.rows - 1 - V.shape[0],) + tuple(x.shape))
-    return fn(Jet(torch.cat([x[None], V, zeros]), layout)).rows
+    return fn(Jet(_input_rows(x, V, layout), layout)).rows
 
 
 LAYOUTS = [Layout(n1=2, collapse=(1, 2)), Layout(n1=3, pairs=((1, 3), (2, 3)), collapse=(1, 2))]

@@ -11,6 +11,7 @@ from fpkern.jet import Jet, Layout
 from fpkern.models import layers as L
 from fpkern.ops import group_norm_jet as gnj
 from fpkern.ops.group_norm_jet import group_norm_jet, group_norm_jet_ref
+from tests.jet.nested_jvp import nested_jvp_rows
 from tests.ops.kernel_checks import assert_close, backends, device_for
 
 F64 = torch.float64
@@ -42,20 +43,6 @@ def _inputs(shape, layout, gen, dtype=F64, device="cpu"):
     return [t.to(device, dtype) for t in (rows, w, b)]
 
 
-def _nested_jvp_rows(fn, x, V, layout):
-    """Rows of fn's jet from nested jvp (second-order input rows zero)."""
-    out = fn(x)
-    first = [jvp(fn, (x,), (v,))[1] for v in V]
-
-    def mixed(a, b):
-        return jvp(lambda y: jvp(fn, (y,), (a,))[1], (x,), (b,))[1]
-
-    pairs = [mixed(V[a - 1], V[b - 1]) for a, b in layout.pairs]
-    coll = ([torch.stack([mixed(V[k - 1], V[k - 1]) for k in layout.collapse]).mean(0)]
-            if layout.collapse else [])
-    return torch.stack([out] + first + pairs + coll)
-
-
 def test_cpp_extension_binds_the_kernels():
     lib = backend.native()
     assert lib is not None, "fpkern._C was not built: run `make setup`"
@@ -71,8 +58,7 @@ def test_forward_matches_nested_jvp(name, layout, shape, affine, gen):
     rows[1 + layout.n1:] = 0                  # a network input: no second-order rows
     w, b = (w, b) if affine else (None, None)
     G = shape[2]
-    want = _nested_jvp_rows(lambda y: F.group_norm(y, G, w, b, 1e-5), rows[0],
-                            rows[1:1 + layout.n1], layout)
+    want = nested_jvp_rows(lambda y: F.group_norm(y, G, w, b, 1e-5), rows, layout)
     spec = layout.kernel_spec
     assert_close(group_norm_jet_ref(rows, G, w, b, 1e-5, spec), want, 1e-12, "reference")
     dev = device_for(name)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import jvp
 
 from fpkern import backend
 from fpkern.jet import Layout
 from fpkern.ops.jet_act import ACTS, jet_act, jet_act_ref
+from tests.jet.nested_jvp import nested_jvp_rows
 from tests.ops.kernel_checks import assert_close, backends, device_for
 
 
@@ -35,28 +35,12 @@ def _rows(layout, shape, gen, dtype=F64):
     return (2 * torch.randn((layout.rows,) + shape, generator=gen, dtype=F64)).to(dtype)
 
 
-def _nested_jvp_rows(fn, rows, layout):
-    """The jet of fn by nested torch.func.jvp, with the input's own second-order rows."""
-    x = rows[0]
-    lin = lambda r: jvp(fn, (x,), (r,))[1]                                          # noqa: E731
-    hess = lambda a, b: jvp(lambda y: jvp(fn, (y,), (a,))[1], (x,), (b,))[1]        # noqa: E731
-    out = [fn(x)] + [lin(rows[i]) for i in range(1, 1 + layout.n1)]
-    for j, (a, b) in enumerate(layout.pairs):
-        out.append(lin(rows[layout.pair_row(j)]) + hess(rows[a], rows[b]))
-    if layout.collapse:
-        sq = torch.stack([hess(rows[k], rows[k]) for k in layout.collapse]).mean(0)
-        out.append(lin(rows[-1]) + sq)
-    return torch.stack(out)
-
-
-
-
 @pytest.mark.parametrize("act", sorted(ACTS))
 @pytest.mark.parametrize("lname", sorted(LAYOUTS))
 def test_reference_is_the_second_order_taylor_rule(act, lname, gen):
     layout = LAYOUTS[lname]
     rows = _rows(layout, (5, 7), gen)
-    _close(jet_act_ref(rows, act, layout.kernel_spec), _nested_jvp_rows(FN[act], rows, layout),
+    _close(jet_act_ref(rows, act, layout.kernel_spec), nested_jvp_rows(FN[act], rows, layout),
            1e-12, f"{act}/{lname}")
 
 
