@@ -50,10 +50,9 @@ def combine_terms_ref(v, jv, w, lap, s, x, g2, f, weight, m: float = 2.0):
     return r, div, loss, h
 
 
-def _backward_torch(gr, gdiv, gloss, gh, v, lap, s, x, r, g2, f, weight, m):
-    """The per-element half of the vector-Jacobian product as torch formulas
-    (csrc/fpe_terms.h): dr (= dw), dlap, ds, djv, and the divergence coefficient and |r|^2
-    the per-sample half needs. Differentiable: also used for double backward."""
+def _backward_torch(gr, gdiv, gloss, gh, v, lap, s, x, r, div, g2, f, weight, m):
+    """The vector-Jacobian product as torch formulas (csrc/fpe_terms.h): dw, dlap, ds, djv,
+    dg2, df, dweight. Differentiable: also used for double backward."""
     view = (-1,) + (1,) * (r.dim() - 1)
     sumsq = r.flatten(1).pow(2).sum(1)
     if m == 2:
@@ -64,9 +63,15 @@ def _backward_torch(gr, gdiv, gloss, gh, v, lap, s, x, r, g2, f, weight, m):
     dr = gr + (gloss * weight * slope).reshape(view) * r
     g2v, fv, ghv = g2.reshape(view), f.reshape(view), gh.reshape(view)
     ds = fv * dr + ghv * (g2v * s - fv * x)
-    cdiv = (gdiv + 0.5 * g2 * gh) / v.shape[0]
-    djv = cdiv.reshape((1,) + view) * v
-    return dr, -0.5 * g2v * dr, ds, djv, cdiv, sumsq
+    djv = _div_coefficient(gdiv, gh, g2, v.shape[0]).reshape((1,) + view) * v
+    dg2 = -0.5 * _dot(lap, dr) + 0.5 * gh * (div + s.flatten(1).pow(2).sum(1))
+    df = _dot(s, dr) - gh * _dot(x, s)
+    return dr, -0.5 * g2v * dr, ds, djv, dg2, df, gloss * _norm_pow(sumsq, m)
+
+
+def _div_coefficient(gdiv, gh, g2, K):
+    """d(loss)/d<v_k, jv_k> per sample: the divergence's own gradient plus the scalar term's."""
+    return (gdiv + 0.5 * g2 * gh) / K
 
 
 # ---- backend dispatch ------------------------------------------------------------------
@@ -103,13 +108,8 @@ def _bwd_impl(gr, gdiv, gloss, gh, v, lap, s, x, r, div, g2, f, weight, m):
     which = backend.select(r)
     if which == "torch":
         a = _acc(r)
-        c = [t.to(a) for t in (gr, gdiv, gloss, gh, v, lap, s, x, r, g2, f, weight)]
-        dr, dlap, ds, djv, _, sumsq = _backward_torch(*c, m)
-        gv, gd, gl, ghh, vv, lp, ss, xx, rr, g2a, fa, wa = c
-        dg2 = -0.5 * _dot(lp, dr) + 0.5 * ghh * (div.to(a) + ss.flatten(1).pow(2).sum(1))
-        df = _dot(ss, dr) - ghh * _dot(xx, ss)
-        dwt = gl * _norm_pow(sumsq, m)
-        return tuple(t.to(r.dtype) for t in (dr, dlap, ds, djv, dg2, df, dwt))
+        c = [t.to(a) for t in (gr, gdiv, gloss, gh, v, lap, s, x, r, div, g2, f, weight)]
+        return tuple(t.to(r.dtype) for t in _backward_torch(*c, m))
     sumsq = r.flatten(1).pow(2).sum(1)
     args = [_rows(gr), gdiv.contiguous(), gloss.contiguous(), gh.contiguous(), _planes(v),
             _rows(lap), _rows(s), _rows(x), _rows(r), div.contiguous(), sumsq.contiguous(),
@@ -168,15 +168,12 @@ def _backward(ctx, gr, gdiv, gloss, gh):
     v, jv, lap, s, x, r, div, g2, f, weight = ctx.saved_tensors
     m = ctx.m
     if torch.is_grad_enabled():      # create_graph: differentiable torch formulas
-        dr, dlap, ds, djv, cdiv, sumsq = _backward_torch(gr, gdiv, gloss, gh, v, lap, s, x, r,
-                                                         g2, f, weight, m)
-        dg2 = -0.5 * _dot(lap, dr) + 0.5 * gh * (div + s.flatten(1).pow(2).sum(1))
-        df = _dot(s, dr) - gh * _dot(x, s)
-        dwt = gloss * _norm_pow(sumsq, m)
+        grads = _backward_torch(gr, gdiv, gloss, gh, v, lap, s, x, r, div, g2, f, weight, m)
     else:
-        dr, dlap, ds, djv, dg2, df, dwt = _terms_bwd_op(gr.contiguous(), gdiv, gloss, gh, v, lap,
-                                                        s, x, r, div, g2, f, weight, m)
-        cdiv = (gdiv + 0.5 * g2 * gh) / v.shape[0]
+        grads = _terms_bwd_op(gr.contiguous(), gdiv, gloss, gh, v, lap, s, x, r, div, g2, f,
+                              weight, m)
+    dr, dlap, ds, djv, dg2, df, dwt = grads
+    cdiv = _div_coefficient(gdiv, gh, g2, v.shape[0])
     need = ctx.needs_input_grad
     view = (1, -1) + (1,) * (v.dim() - 2)
     dv = cdiv.reshape(view) * jv if need[0] else None
