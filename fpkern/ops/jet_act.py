@@ -10,8 +10,8 @@ rows: [R, ...] stacked Taylor rows (fpkern.jet.tensor); spec: Layout.kernel_spec
 
 One pass over the rows replaces the ~10 torch ops of the composite rule. The backward is
 hand-written (it needs phi'''); when autograd records the backward itself (create_graph, as
-the div-form residual's reverse pass does) it is computed from the differentiable
-reference instead, so double backward works. Backends: Triton on CUDA, C++ on CPU, torch.
+the div-form residual's reverse pass does) its torch formulas run instead, which are
+differentiable, so double backward works. Backends: Triton on CUDA, C++ on CPU, torch.
 """
 
 from __future__ import annotations
@@ -163,12 +163,9 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     (rows,) = ctx.saved_tensors
     act, n1, pa, pb, c0, nc = ctx.layout
-    if torch.is_grad_enabled():      # create_graph: a backward that is itself differentiable
-        with torch.enable_grad():
-            r = rows if rows.requires_grad else rows.detach().requires_grad_(True)
-            out = jet_act_ref(r, act, (n1, tuple(pa), tuple(pb), c0, nc))
-            (g,) = torch.autograd.grad(out, r, grad, create_graph=True)
-        return (g,) + (None,) * 6
+    if torch.is_grad_enabled():      # create_graph: the torch formulas, differentiable
+        spec = (n1, tuple(pa), tuple(pb), c0, nc)
+        return (_jet_act_backward_ref(grad, rows, act, spec),) + (None,) * 6
     return (_jet_act_bwd_op(grad.contiguous(), rows, act, n1, pa, pb, c0, nc),) + (None,) * 6
 
 
