@@ -11,7 +11,8 @@
 //   yhat_0 = c0 u0, yhat_i = c_i u0 + c0 u_i, yhat_q = c_q u0 + c0 u_q + c_a u_b + c_b u_a,
 //   yhat_z = c_z u0 + c0 u_z + 2 mean_k c_k u_k
 //   Y_r = yhat_r weight[ch] (+ bias[ch] on row 0).
-// Sums accumulate in double whatever the storage type.
+// Reductions (the means, variance rows and the backward's sums) accumulate in double; the
+// elementwise combinations run in the storage type, so that they vectorise.
 #pragma once
 
 #include <cstdint>

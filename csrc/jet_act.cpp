@@ -8,36 +8,56 @@ namespace {
 
 constexpr int64_t kBlock = 256;  // elements per tile: derivative tiles stay in L1
 
-// phi, phi', phi'' (and phi''' when `third`) on a tile, in the storage precision so that
-// the loops vectorise (expf/exp through libmvec with -fno-math-errno).
+// phi, phi', phi'' (and phi-triple-prime when d3) on a tile from x and base (jet_act.h).
 template <typename T>
-void derivs(Act act, const T* x, int64_t n, T* d0, T* d1, T* d2, T* d3) {
+void derivs(Act act, const T* x, const T* base, int64_t n, T* d0, T* d1, T* d2, T* d3) {
   switch (act) {
     case Act::silu:
+#pragma omp simd
       for (int64_t m = 0; m < n; ++m) {
-        const T s = T(1) / (T(1) + std::exp(-x[m])), p = s * (T(1) - s), q = T(1) - T(2) * s;
+        const T s = base[m], p = s * (T(1) - s), q = T(1) - T(2) * s;
         d0[m] = x[m] * s;
         d1[m] = s * (T(1) + x[m] * (T(1) - s));
         d2[m] = p * (T(2) + x[m] * q);
-        if (d3) d3[m] = p * (q * (T(3) + x[m] * q) - T(2) * x[m] * p);
+      }
+      if (d3) {
+#pragma omp simd
+        for (int64_t m = 0; m < n; ++m) {
+          const T s = base[m], p = s * (T(1) - s), q = T(1) - T(2) * s;
+          d3[m] = p * (q * (T(3) + x[m] * q) - T(2) * x[m] * p);
+        }
       }
       break;
     case Act::tanh:
+#pragma omp simd
       for (int64_t m = 0; m < n; ++m) {
-        const T y = std::tanh(x[m]), e = T(1) - y * y;
+        const T y = base[m], e = T(1) - y * y;
         d0[m] = y;
         d1[m] = e;
         d2[m] = T(-2) * y * e;
-        if (d3) d3[m] = e * (T(6) * y * y - T(2));
+      }
+      if (d3) {
+#pragma omp simd
+        for (int64_t m = 0; m < n; ++m) {
+          const T y = base[m], e = T(1) - y * y;
+          d3[m] = e * (T(6) * y * y - T(2));
+        }
       }
       break;
     case Act::sigmoid:
+#pragma omp simd
       for (int64_t m = 0; m < n; ++m) {
-        const T s = T(1) / (T(1) + std::exp(-x[m])), p = s * (T(1) - s);
+        const T s = base[m], p = s * (T(1) - s);
         d0[m] = s;
         d1[m] = p;
         d2[m] = p * (T(1) - T(2) * s);
-        if (d3) d3[m] = p - T(6) * p * p;
+      }
+      if (d3) {
+#pragma omp simd
+        for (int64_t m = 0; m < n; ++m) {
+          const T s = base[m], p = s * (T(1) - s);
+          d3[m] = p - T(6) * p * p;
+        }
       }
       break;
   }
@@ -48,7 +68,8 @@ inline int64_t tiles(int64_t M) { return (M + kBlock - 1) / kBlock; }
 }  // namespace
 
 template <typename T>
-void jet_act_forward(const T* x, Act act, const JetLayout& L, int64_t M, T* y) {
+void jet_act_forward(const T* x, const T* base, Act act, const JetLayout& L, int64_t M,
+                     T* y) {
   const int64_t first_pair = 1 + L.n1, coll = first_pair + L.npairs;
 #if defined(FPKERN_WITH_OPENMP)
 #pragma omp parallel for schedule(static) if (L.rows * M > 32768)
@@ -56,7 +77,7 @@ void jet_act_forward(const T* x, Act act, const JetLayout& L, int64_t M, T* y) {
   for (int64_t tile = 0; tile < tiles(M); ++tile) {
     const int64_t o = tile * kBlock, n = std::min(kBlock, M - o);
     T d1[kBlock], d2[kBlock];
-    derivs<T>(act, x + o, n, y + o, d1, d2, nullptr);
+    derivs<T>(act, x + o, base + o, n, y + o, d1, d2, nullptr);
     for (int64_t i = 1; i <= L.n1; ++i) {
       const T* xi = x + i * M + o;
       T* yi = y + i * M + o;
@@ -83,7 +104,8 @@ void jet_act_forward(const T* x, Act act, const JetLayout& L, int64_t M, T* y) {
 }
 
 template <typename T>
-void jet_act_backward(const T* gy, const T* x, Act act, const JetLayout& L, int64_t M, T* dx) {
+void jet_act_backward(const T* gy, const T* x, const T* base, Act act, const JetLayout& L,
+                      int64_t M, T* dx) {
   const int64_t first_pair = 1 + L.n1, coll = first_pair + L.npairs;
 #if defined(FPKERN_WITH_OPENMP)
 #pragma omp parallel for schedule(static) if (L.rows * M > 32768)
@@ -91,7 +113,7 @@ void jet_act_backward(const T* gy, const T* x, Act act, const JetLayout& L, int6
   for (int64_t tile = 0; tile < tiles(M); ++tile) {
     const int64_t o = tile * kBlock, n = std::min(kBlock, M - o);
     T d0[kBlock], d1[kBlock], d2[kBlock], d3[kBlock], g0[kBlock];
-    derivs<T>(act, x + o, n, d0, d1, d2, d3);
+    derivs<T>(act, x + o, base + o, n, d0, d1, d2, d3);
     const T* gv = gy + o;
     for (int64_t m = 0; m < n; ++m) g0[m] = gv[m] * d1[m];       // the value row
     for (int64_t i = 1; i <= L.n1; ++i) {                         // first order
@@ -135,11 +157,13 @@ void jet_act_backward(const T* gy, const T* x, Act act, const JetLayout& L, int6
   }
 }
 
-template void jet_act_forward<float>(const float*, Act, const JetLayout&, int64_t, float*);
-template void jet_act_forward<double>(const double*, Act, const JetLayout&, int64_t, double*);
-template void jet_act_backward<float>(const float*, const float*, Act, const JetLayout&, int64_t,
-                                      float*);
-template void jet_act_backward<double>(const double*, const double*, Act, const JetLayout&,
-                                       int64_t, double*);
+template void jet_act_forward<float>(const float*, const float*, Act, const JetLayout&, int64_t,
+                                     float*);
+template void jet_act_forward<double>(const double*, const double*, Act, const JetLayout&,
+                                      int64_t, double*);
+template void jet_act_backward<float>(const float*, const float*, const float*, Act,
+                                      const JetLayout&, int64_t, float*);
+template void jet_act_backward<double>(const double*, const double*, const double*, Act,
+                                       const JetLayout&, int64_t, double*);
 
 }  // namespace fpkern

@@ -1,4 +1,5 @@
-// pybind11 glue for the fused activation jet rule (csrc/jet_act.cpp).
+// pybind11 glue for the fused activation jet rule (csrc/jet_act.cpp). base: sigmoid or tanh
+// of the value row (jet_act.h), from the caller.
 #include <pybind11/stl.h>
 
 #include <vector>
@@ -27,30 +28,32 @@ struct Layout {
 };
 
 template <typename T>
-void fwd(Arr<T> x, int act, int64_t n1, std::vector<int64_t> pa, std::vector<int64_t> pb,
-         int64_t c0, int64_t nc, Arr<T> y) {
+void fwd(Arr<T> x, Arr<T> base, int act, int64_t n1, std::vector<int64_t> pa,
+         std::vector<int64_t> pb, int64_t c0, int64_t nc, Arr<T> y) {
   if (x.ndim() != 2) throw py::value_error("rows: expected 2 dimensions (R, M)");
   const py::ssize_t R = x.shape(0), M = x.shape(1);
+  require(base, {M}, "base");
   require(y, {R, M}, "out");
   Layout lay(R, n1, std::move(pa), std::move(pb), c0, nc);
   const fpkern::Act a = act_from(act);
   T* o = wptr(y, "out");
   py::gil_scoped_release nogil;
-  fpkern::jet_act_forward<T>(x.data(), a, lay.L, M, o);
+  fpkern::jet_act_forward<T>(x.data(), base.data(), a, lay.L, M, o);
 }
 
 template <typename T>
-void bwd(Arr<T> gy, Arr<T> x, int act, int64_t n1, std::vector<int64_t> pa,
+void bwd(Arr<T> gy, Arr<T> x, Arr<T> base, int act, int64_t n1, std::vector<int64_t> pa,
          std::vector<int64_t> pb, int64_t c0, int64_t nc, Arr<T> dx) {
   if (x.ndim() != 2) throw py::value_error("rows: expected 2 dimensions (R, M)");
   const py::ssize_t R = x.shape(0), M = x.shape(1);
   require(gy, {R, M}, "grad_out");
+  require(base, {M}, "base");
   require(dx, {R, M}, "grad_rows");
   Layout lay(R, n1, std::move(pa), std::move(pb), c0, nc);
   const fpkern::Act a = act_from(act);
   T* o = wptr(dx, "grad_rows");
   py::gil_scoped_release nogil;
-  fpkern::jet_act_backward<T>(gy.data(), x.data(), a, lay.L, M, o);
+  fpkern::jet_act_backward<T>(gy.data(), x.data(), base.data(), a, lay.L, M, o);
 }
 
 }  // namespace

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fpkern import backend
+from fpkern.ops._eager import EagerOp, pick
 
 __all__ = ["group_norm_jet", "group_norm_jet_ref"]
 
@@ -278,26 +279,29 @@ def _spec(n1, pair_a, pair_b, c0, nc):
     return int(n1), tuple(pair_a), tuple(pair_b), int(c0), int(nc)
 
 
-@torch.library.custom_op("fpkern::group_norm_jet", mutates_args=())
-def _gn_jet_op(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               groups: int, eps: float, n1: int, pair_a: list[int], pair_b: list[int], c0: int,
-               nc: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             groups: int, eps: float, n1: int, pair_a: list[int], pair_b: list[int], c0: int,
+             nc: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd_impl(rows, weight, bias, groups, eps, _spec(n1, pair_a, pair_b, c0, nc))
+
+
+def _backward_kernel(grad: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | None,
+                     mean: torch.Tensor, var: torch.Tensor, groups: int, eps: float, n1: int,
+                     pair_a: list[int], pair_b: list[int], c0: int,
+                     nc: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(grad, rows, weight, mean, var, groups, eps,
+                     _spec(n1, pair_a, pair_b, c0, nc))
+
+
+_gn_jet_op = torch.library.custom_op("fpkern::group_norm_jet", _forward, mutates_args=())
+_gn_jet_bwd_op = torch.library.custom_op("fpkern::group_norm_jet_backward", _backward_kernel,
+                                         mutates_args=())
 
 
 @_gn_jet_op.register_fake
 def _(rows, weight, bias, groups, eps, n1, pair_a, pair_b, c0, nc):
     stats = rows.new_empty((rows.shape[1], groups, rows.shape[0]), dtype=_acc(rows))
     return torch.empty_like(rows), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op("fpkern::group_norm_jet_backward", mutates_args=())
-def _gn_jet_bwd_op(grad: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | None,
-                   mean: torch.Tensor, var: torch.Tensor, groups: int, eps: float, n1: int,
-                   pair_a: list[int], pair_b: list[int], c0: int,
-                   nc: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(grad, rows, weight, mean, var, groups, eps,
-                     _spec(n1, pair_a, pair_b, c0, nc))
 
 
 @_gn_jet_bwd_op.register_fake
@@ -328,14 +332,15 @@ def _backward(ctx, grad, _grad_mean, _grad_var):
             got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
         grads = [next(got) if n and t is not None else None for t, n in zip(ins, need)]
         return tuple(grads) + (None,) * 7
-    d_rows, d_w, d_b = _gn_jet_bwd_op(grad.contiguous(), rows, weight, mean, var, groups, eps,
-                                      n1, pa, pb, c0, nc)
+    d_rows, d_w, d_b = pick(_gn_jet_bwd_op, _backward_kernel, grad.contiguous(), rows, weight,
+                            mean, var, groups, eps, n1, pa, pb, c0, nc)
     return ((d_rows if need[0] else None),
             (d_w.to(weight.dtype) if need[1] and weight is not None else None),
             (d_b.to(bias.dtype) if need[2] and bias is not None else None)) + (None,) * 7
 
 
 _gn_jet_op.register_autograd(_backward, setup_context=_setup)
+_gn_jet = EagerOp(_gn_jet_op, _forward, _setup, _backward)
 
 
 # ---- public function ---------------------------------------------------------------------
@@ -349,6 +354,6 @@ def group_norm_jet(rows: torch.Tensor, groups: int, weight: torch.Tensor | None 
     # weight and bias in the rows' dtype (autograd casts their gradients back)
     weight, bias = (None if t is None else t.to(rows.dtype) for t in (weight, bias))
     n1, pa, pb, c0, nc = spec
-    y, _, _ = _gn_jet_op(rows, weight, bias, int(groups), float(eps), int(n1),
+    y, _, _ = _gn_jet(rows, weight, bias, int(groups), float(eps), int(n1),
                          [int(i) for i in pa], [int(i) for i in pb], int(c0), int(nc))
     return y

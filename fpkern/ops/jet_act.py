@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from fpkern import backend
+from fpkern.ops._eager import EagerOp, pick
 
 __all__ = ["ACTS", "jet_act", "jet_act_ref"]
 
@@ -97,13 +98,17 @@ def _check_spec(rows: torch.Tensor, act: str, spec) -> None:
 
 # ---- backend dispatch ------------------------------------------------------------------
 def _native(name, tensors, act, spec):
+    """The C++ kernel `name` on (grad,) rows; it takes sigmoid or tanh of the value row from
+    torch, whose exp is vectorised (jet_act.h)."""
     lib = backend.native()
     work = tensors[0].dtype if tensors[0].dtype in _NATIVE_DTYPES else torch.float32
-    ins = [t.to(work).contiguous().reshape(t.shape[0], -1) for t in tensors]
-    out = torch.empty_like(ins[-1])
+    ins = [t.detach().to(work).contiguous().reshape(t.shape[0], -1) for t in tensors]
+    rows = ins[-1]
+    base = torch.tanh(rows[0]) if act == "tanh" else torch.sigmoid(rows[0])
+    out = torch.empty_like(rows)
     n1, pa, pb, c0, nc = spec
-    getattr(lib, name)(*(t.detach().numpy() for t in ins), ACTS[act], n1, list(pa), list(pb),
-                       c0, nc, out.numpy())
+    getattr(lib, name)(*(t.numpy() for t in ins), base.numpy(), ACTS[act], n1, list(pa),
+                       list(pb), c0, nc, out.numpy())
     return out.to(tensors[0].dtype).reshape(tensors[-1].shape)
 
 
@@ -132,21 +137,24 @@ def _bwd_impl(grad, rows, act, spec):
 
 
 # ---- torch.library registration --------------------------------------------------------
-@torch.library.custom_op("fpkern::jet_act", mutates_args=())
-def _jet_act_op(rows: torch.Tensor, act: str, n1: int, pair_a: list[int], pair_b: list[int],
-                c0: int, nc: int) -> torch.Tensor:
+def _forward(rows: torch.Tensor, act: str, n1: int, pair_a: list[int], pair_b: list[int],
+             c0: int, nc: int) -> torch.Tensor:
     return _fwd_impl(rows, act, (n1, tuple(pair_a), tuple(pair_b), c0, nc))
+
+
+def _backward_kernel(grad: torch.Tensor, rows: torch.Tensor, act: str, n1: int,
+                     pair_a: list[int], pair_b: list[int], c0: int, nc: int) -> torch.Tensor:
+    return _bwd_impl(grad, rows, act, (n1, tuple(pair_a), tuple(pair_b), c0, nc))
+
+
+_jet_act_op = torch.library.custom_op("fpkern::jet_act", _forward, mutates_args=())
+_jet_act_bwd_op = torch.library.custom_op("fpkern::jet_act_backward", _backward_kernel,
+                                          mutates_args=())
 
 
 @_jet_act_op.register_fake
 def _(rows, act, n1, pair_a, pair_b, c0, nc):
     return torch.empty_like(rows)
-
-
-@torch.library.custom_op("fpkern::jet_act_backward", mutates_args=())
-def _jet_act_bwd_op(grad: torch.Tensor, rows: torch.Tensor, act: str, n1: int,
-                    pair_a: list[int], pair_b: list[int], c0: int, nc: int) -> torch.Tensor:
-    return _bwd_impl(grad, rows, act, (n1, tuple(pair_a), tuple(pair_b), c0, nc))
 
 
 @_jet_act_bwd_op.register_fake
@@ -166,10 +174,13 @@ def _backward(ctx, grad):
     if torch.is_grad_enabled():      # create_graph: the torch formulas, differentiable
         spec = (n1, tuple(pa), tuple(pb), c0, nc)
         return (_jet_act_backward_ref(grad, rows, act, spec),) + (None,) * 6
-    return (_jet_act_bwd_op(grad.contiguous(), rows, act, n1, pa, pb, c0, nc),) + (None,) * 6
+    d_rows = pick(_jet_act_bwd_op, _backward_kernel, grad.contiguous(), rows, act, n1, pa, pb,
+                  c0, nc)
+    return (d_rows,) + (None,) * 6
 
 
 _jet_act_op.register_autograd(_backward, setup_context=_setup)
+_jet_act = EagerOp(_jet_act_op, _forward, _setup, _backward)
 
 
 def jet_act(rows: torch.Tensor, act: str, spec) -> torch.Tensor:
@@ -179,4 +190,4 @@ def jet_act(rows: torch.Tensor, act: str, spec) -> torch.Tensor:
         raise TypeError("rows must be a floating torch.Tensor of shape [R, ...]")
     _check_spec(rows, act, spec)
     n1, pa, pb, c0, nc = spec
-    return _jet_act_op(rows, act, int(n1), list(pa), list(pb), int(c0), int(nc))
+    return _jet_act(rows, act, int(n1), list(pa), list(pb), int(c0), int(nc))
