@@ -80,60 +80,77 @@ def _sync():
 
 
 CASES = ["mlp2", "mlp64", "ncsnpp_small"] + list(GPU_CASES)
+PROVIDERS = ["naive", "fused", "projected", "torch.func"]
 
 
-def _skip(case, provider, form, K=1):
+def _case_skip(case, K=1) -> str | None:
     cpu = device().type == "cpu"
     if case in GPU_CASES and cpu:
-        pytest.skip("the CIFAR-10 presets are GPU cases")
+        return "the CIFAR-10 presets are GPU cases"
     if not case.startswith("mlp") and K == 4 and cpu:
-        pytest.skip("K=4 on the conv nets is a GPU case")
+        return "K=4 on the conv nets is a GPU case"
+    return None
+
+
+def _provider_runs(case, provider, form) -> bool:
     if provider == "projected" and form != "div":
-        pytest.skip("the projected estimator is for the div-form loss")
-    if provider == "torch.func" and (case in GPU_CASES or (cpu and case != "mlp2")):
-        pytest.skip("the generic path is shown on the small MLP (and small NCSN++ on GPU)")
+        return False        # the projected estimator is for the div-form loss
+    if provider == "torch.func" and (case in GPU_CASES
+                                     or (device().type == "cpu" and case != "mlp2")):
+        return False        # the generic path is shown on the small MLP (small NCSN++ on GPU)
+    return True
+
+
+def _rounds(case) -> int:
+    return 7 if case.startswith("mlp") else 5
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("form", ["div", "laplacian"])
 @pytest.mark.parametrize("K", [1, 4])
-@pytest.mark.parametrize("provider", ["naive", "fused", "projected", "torch.func"])
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
-def test_fp_loss(record, case, form, K, provider, mode):
-    _skip(case, provider, form, K)
+def test_fp_loss(record_group, case, form, K, mode):
+    if (why := _case_skip(case, K)) is not None:
+        pytest.skip(why)
     net, sde, x, t, _ = _case(case)
     params = [p for p in net.parameters() if p.requires_grad]
 
-    def run():
-        loss = _fp_loss(net, sde, x, t, provider, form, K)
-        if mode == "fwdbwd":
-            torch.autograd.grad(loss, params)
-        _sync()
+    def runner(provider):
+        def run():
+            loss = _fp_loss(net, sde, x, t, provider, form, K)
+            if mode == "fwdbwd":
+                torch.autograd.grad(loss, params)
+            _sync()
+        return run
 
-    record(f"{case}/{form}/K{K}", provider, mode, run,
-           rounds=7 if case.startswith("mlp") else 5)
+    fns = {p: runner(p) for p in PROVIDERS if _provider_runs(case, p, form)}
+    record_group(f"{case}/{form}/K{K}", mode, fns, rounds=_rounds(case))
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("form", ["div", "laplacian"])
-@pytest.mark.parametrize("provider", ["dsm", "naive", "fused", "projected"])
-def test_train_step(record, case, form, provider):
-    """DSM + 0.15 FP at the same points; fused shares the DSM forward's score (the laplacian
-    form then needs one jet pass)."""
-    _skip(case, provider, form)
+def test_train_step(record_group, case, form):
+    """DSM + 0.15 FP at the same points against a plain DSM step; fused shares the DSM
+    forward's score (the laplacian form then needs one jet pass)."""
+    if (why := _case_skip(case)) is not None:
+        pytest.skip(why)
     net, sde, x, t, z = _case(case)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-5)
 
-    def run():
-        opt.zero_grad(set_to_none=True)
-        s = net(x, t)
-        loss = _dsm_loss(sde, s, t, z)
-        if provider != "dsm":
-            shared = s if provider == "fused" else None
-            loss = loss + 0.15 * _fp_loss(net, sde, x, t, provider, form, 1, score=shared)
-        loss.backward()
-        opt.step()
-        _sync()
+    def runner(provider):
+        opt = torch.optim.Adam(net.parameters(), lr=1e-5)
 
-    record(f"{case}/{form}/K1", provider, "train_step", run,
-           rounds=7 if case.startswith("mlp") else 5)
+        def run():
+            opt.zero_grad(set_to_none=True)
+            s = net(x, t)
+            loss = _dsm_loss(sde, s, t, z)
+            if provider != "dsm":
+                shared = s if provider == "fused" else None
+                loss = loss + 0.15 * _fp_loss(net, sde, x, t, provider, form, 1, score=shared)
+            loss.backward()
+            opt.step()
+            _sync()
+        return run
+
+    fns = {p: runner(p) for p in ["dsm", "naive", "fused", "projected"]
+           if p == "dsm" or (p != "torch.func" and _provider_runs(case, p, form))}
+    record_group(f"{case}/{form}/K1", "train_step", fns, rounds=_rounds(case))

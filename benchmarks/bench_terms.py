@@ -35,20 +35,22 @@ SIZES = {"cifar_b128": (128, 3 * 32 * 32), "cifar_b1024": (1024, 3 * 32 * 32)}
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("provider", ["copy", "fused", "torch"])
-def test_fpe_terms_bandwidth(record, size, provider):
+def test_fpe_terms_bandwidth(record_group, size):
     B, N = SIZES[size]
     args = _inputs(B, N)
     moved = (2 * K + 5) * B * N * 4                     # 2K + 4 planes read, r written
     src = torch.empty(moved // 8, dtype=torch.float32, device=device())   # read + write
     dst = torch.empty_like(src)
 
-    def run():
-        if provider == "copy":
-            dst.copy_(src)
-        else:
-            with backend.use_backend("torch" if provider == "torch" else None):
-                combine_terms(*args, 2.0)
-        _sync()
+    def runner(provider):
+        def run():
+            if provider == "copy":
+                dst.copy_(src)
+            else:
+                with backend.use_backend("torch" if provider == "torch" else None):
+                    combine_terms(*args, 2.0)
+            _sync()
+        return run
 
-    record(f"fpe_terms/{size}", provider, "kernel", run, rounds=20, bytes=moved)
+    record_group(f"fpe_terms/{size}", "kernel", {p: runner(p) for p in ["copy", "fused", "torch"]},
+                 rounds=20, bytes=moved)

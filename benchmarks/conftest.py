@@ -4,14 +4,17 @@ Every benchmark records (case, provider, mode) -> median and minimum seconds and
 in RESULTS; the terminal summary prints the ratios the engine issue tracks, and
 `--bench-json PATH` writes everything as data with the command, device and commit. Ratios
 use the minimum over rounds (T): on a shared or virtual machine the noise only ever adds
-time, and the medians of a few rounds of second-long steps still moved by 20-50% between
-runs on the 2-core CI machine.
+time. Providers that a ratio compares are timed together (`record_group`): each round runs
+every provider once, in an order that rotates, so that a slow phase of the machine lands on
+all of them. Timed one after another, the same ratios moved by up to 2x between two runs of
+the suite on the 2-core CI machine.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -63,21 +66,41 @@ class PeakMemory:
 
 
 @pytest.fixture
-def record(benchmark, request):
-    def _record(case: str, provider: str, mode: str, fn, **extra):
-        mem = PeakMemory()
-        try:
-            mem(fn)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            RESULTS.append(dict(case=case, provider=provider, mode=mode, oom=True))
-            pytest.skip(f"{case} {provider} {mode}: out of GPU memory")
-        benchmark.extra_info.update(case=case, provider=provider, mode=mode, peak_bytes=mem.peak,
-                                    **extra)
-        benchmark.pedantic(fn, rounds=extra.pop("rounds", 5), iterations=1, warmup_rounds=1)
-        RESULTS.append(dict(case=case, provider=provider, mode=mode, peak_bytes=mem.peak,
-                            median_s=benchmark.stats.stats.median,
-                            min_s=benchmark.stats.stats.min, **extra))
+def record_group(benchmark):
+    """Times the providers of one (case, mode) together: `fns` maps provider -> a call that
+    runs (and synchronises) one step. Peak memory comes from one untimed call of each (also
+    its warm-up); then each round runs every provider once, starting from a provider that
+    rotates between rounds. A provider that runs out of GPU memory is recorded as such and
+    left out."""
+    def _record(case: str, mode: str, fns: dict, rounds: int = 5, **extra):
+        peaks = {}
+        for name, fn in fns.items():
+            mem = PeakMemory()
+            try:
+                mem(fn)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                RESULTS.append(dict(case=case, provider=name, mode=mode, oom=True))
+                continue
+            peaks[name] = mem.peak
+        names = list(peaks)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        state = {"round": 0}
+
+        def one_round():
+            k = state["round"] % len(names)
+            state["round"] += 1
+            for n in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                fns[n]()
+                times[n].append(time.perf_counter() - t0)
+
+        benchmark.extra_info.update(case=case, mode=mode, providers=names, peak_bytes=peaks)
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=1)
+        for n in names:
+            ts = times[n][1:]                       # without the warm-up round
+            RESULTS.append(dict(case=case, provider=n, mode=mode, peak_bytes=peaks[n],
+                                median_s=statistics.median(ts), min_s=min(ts), **extra))
     return _record
 
 
