@@ -21,8 +21,10 @@ _BLOCK = 1024
 
 @triton.jit
 def _norm_pow(sumsq, m):
-    """|r|^m from |r|^2 (0 at r = 0)."""
-    return tl.where(sumsq > 0, tl.exp(0.5 * m * tl.log(tl.maximum(sumsq, 1e-300))), 0.0)
+    """|r|^m from |r|^2 (0 at r = 0). The log reads 1 where sumsq is 0: a literal floor
+    such as 1e-300 is 0 in float32, and Triton 3.6 mis-evaluated it for bfloat16 inputs."""
+    pos = sumsq > 0
+    return tl.where(pos, tl.exp(0.5 * m * tl.log(tl.where(pos, sumsq, 1.0))), 0.0)
 
 
 @triton.jit
@@ -82,8 +84,9 @@ def _bwd_kernel(gr_ptr, gdiv_ptr, gloss_ptr, gh_ptr, v_ptr, lap_ptr, s_ptr, x_pt
         slope = 2.0 + 0.0 * sumsq
         nm = sumsq
     else:
-        slope = m * tl.where(sumsq > 0, _norm_pow(sumsq, m) / tl.maximum(sumsq, 1e-300), 0.0)
         nm = _norm_pow(sumsq, m)
+        pos = sumsq > 0
+        slope = m * tl.where(pos, nm / tl.where(pos, sumsq, 1.0), 0.0)
     a = gloss * wt * slope
     zero = hg * tl.zeros([BLOCK], dtype=tl.float32)
     lap_dr, s_dr, ss, xs = zero, zero, zero, zero
