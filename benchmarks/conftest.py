@@ -13,6 +13,7 @@ the suite on the 2-core CI machine.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -105,6 +106,10 @@ def record_group(benchmark):
 
 
 def _commit() -> str:
+    """HEAD's short hash; FPKERN_COMMIT where the tree is a copy without .git (the GPU
+    machine's, see benchmarks/gpu_run.sh)."""
+    if os.environ.get("FPKERN_COMMIT"):
+        return os.environ["FPKERN_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()

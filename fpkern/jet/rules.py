@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import string
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +195,11 @@ _register(["permute", "transpose", "flatten", "unflatten", "unsqueeze",
            "interpolate", "upsample", "adaptive_avg_pool2d", "positive", "real"])(_linear)
 
 
+# transposing properties: linear maps, not metadata (other properties stay value-only)
+for _prop in ("T", "mT", "H", "mH"):
+    HANDLERS[getattr(torch.Tensor, _prop).__get__] = _linear
+
+
 @_register(["to", "type_as", "view_as", "reshape_as", "expand_as"])
 def _like(func, args, kwargs):
     """Ops whose later arguments only lend a dtype, device or shape: those never carry rows."""
@@ -210,6 +216,9 @@ def _pad(func, args, kwargs):
     value = kwargs.get("value", args[3] if len(args) > 3 else None)
     if mode == "constant" and value not in (None, 0, 0.0):
         raise JetUnsupported("F.pad with a non-zero constant has no jet rule")
+    x = args[0]
+    if isinstance(x, Jet) and x.dim() >= 1:   # pads trailing dims: rows fold into the batch
+        return _wrap(_fold(func, x, *args[1:], **kwargs), x.layout)
     return _linear(func, args, kwargs)
 
 
@@ -322,6 +331,11 @@ def _cat(func, args, kwargs):
     layout = _layout_of(seq)
     like = next(a for a in seq if isinstance(a, Jet)).rows
     lifted = [a if isinstance(a, Jet) else _wrap(_lift(a, layout, like), layout) for a in seq]
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    if isinstance(dim, int) and len(args) <= 2 and set(kwargs) <= {"dim"}:
+        # the row axis leads: the same op on the row stacks, one axis further in
+        rows = func([a.rows for a in lifted], dim=_shifted_dims(dim))
+        return _wrap(rows, layout)
     return _linear(func, (lifted,) + tuple(args[1:]), kwargs)
 
 
@@ -569,12 +583,34 @@ for _name in ("matmul", "bmm", "mm", "outer"):
     _register([_name, f"__{_name}__"])(_two_operand(None, getattr(torch, _name)))
 
 
+def _einsum_with_rows(eq: str, is_jet: list[bool]) -> str | None:
+    """eq with the row axis as a new leading letter on the Jet operand and the output, or
+    None where that is not simple (no explicit output, or an ellipsis)."""
+    eq = eq.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    ins, out = eq.split("->")
+    terms = ins.split(",")
+    if len(terms) != len(is_jet):
+        return None
+    free = next((c for c in string.ascii_letters if c not in eq), None)
+    if free is None:
+        return None
+    terms = [free + term if jet else term for term, jet in zip(terms, is_jet)]
+    return ",".join(terms) + "->" + free + out
+
+
 @_register(["einsum"])
 def _einsum(func, args, kwargs):
     eq, ops = args[0], args[1:]
     if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
         ops = tuple(ops[0])
     jets = [o for o in ops if isinstance(o, Jet)]
+    if len(jets) == 1 and not kwargs:
+        row_eq = _einsum_with_rows(eq, [isinstance(o, Jet) for o in ops])
+        if row_eq is not None:     # one einsum over all rows: a free letter for the row axis
+            rows = torch.einsum(row_eq, *[o.rows if isinstance(o, Jet) else o for o in ops])
+            return _wrap(rows, jets[0].layout)
     if len(jets) <= 1:
         return _linear(torch.einsum, (eq,) + tuple(ops), kwargs)
     if len(ops) != 2:

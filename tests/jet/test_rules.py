@@ -60,6 +60,12 @@ COMPOSITE = {
     "group_norm": lambda x: F.group_norm(torch.cat([x, torch.sin(3 * x)], -1).reshape(-1, 4, 2, 1),
                                          2, GN_W, GN_B).flatten(1),
     "pad_pool": lambda x: F.avg_pool2d(F.pad(x.reshape(-1, 1, 2, 2), (1, 1, 1, 1)), 2).flatten(1),
+    "pad_reflect": lambda x: F.pad(torch.sin(x).reshape(-1, 1, 2, 2), (1, 1, 1, 1),
+                                   mode="reflect").flatten(1),
+    "einsum1": lambda x: torch.einsum("bi,oi->bo", torch.sin(x), W),     # one Jet operand
+    "einsum1_right": lambda x: torch.einsum("oi, bi -> ob", W, x * x).T,
+    "stack": lambda x: torch.stack([x, torch.sin(x)], dim=-1).flatten(1),
+    "cat_neg_dim": lambda x: torch.cat([torch.cos(x), x], dim=-1),
 }
 
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU work of the engine issue in a few calls of the device tool, which copies the work
+# tree (without .git) to a machine with a GPU, runs one command there and brings back $OUT:
+#
+#   bash benchmarks/gpu_run.sh test  <commit>   # install, versions, the whole test suite
+#                                               # (Triton kernels compiled for the GPU)
+#   bash benchmarks/gpu_run.sh bench <commit>   # install, the benchmark suite -> JSON
+#
+# <commit> is `git rev-parse --short HEAD` here; it names the results file. Results land in
+# $OUT (the device tool's folder) or benchmarks/results; commit the JSON with its command.
+# The machine has torch, triton, pybind11, CMake, ninja and scikit-build-core but reaches
+# no package registry, hence --no-build-isolation --no-deps.
+set -euo pipefail
+what=${1:?usage: gpu_run.sh test|bench <commit>}
+export FPKERN_COMMIT=${2:?usage: gpu_run.sh test|bench <commit>}
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+
+$py - <<'PY'
+import platform, torch, triton
+print("python", platform.python_version(), "torch", torch.__version__, "triton",
+      triton.__version__, "cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
+PY
+$py -m pip install -q --no-build-isolation --no-deps -e . > "$out/install.log" 2>&1 \
+    || { tail -40 "$out/install.log"; exit 1; }
+
+case "$what" in
+  test)
+    $py -m pytest -q -x tests/ -p no:cacheprovider 2>&1 | tee "$out/tests-$FPKERN_COMMIT.log" | tail -25
+    ;;
+  bench)
+    gpu=$($py -c "import re, torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print(re.sub('[^a-z0-9]+', '-', n.lower()).strip('-'))")
+    $py -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
+        --bench-json "$out/$gpu-$FPKERN_COMMIT.json" 2>&1 | tee "$out/bench-$FPKERN_COMMIT.log" \
+        | sed -n '/fpkern ratios/,$p'
+    ;;
+  *)
+    echo "unknown step $what (test or bench)" >&2
+    exit 2
+    ;;
+esac
