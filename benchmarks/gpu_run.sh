@@ -28,7 +28,12 @@ $py -m pip install -q --no-build-isolation --no-deps -e . > "$out/install.log" 2
 
 case "$what" in
   test)
-    $py -m pytest -q -x tests/ -p no:cacheprovider 2>&1 | tee "$out/tests-$FPKERN_COMMIT.log" | tail -25
+    # pytest-xdist is on that machine: the Triton compilations of the kernel tests spread
+    # over its cores (one GPU, shared)
+    par=""
+    if $py -c "import xdist" 2>/dev/null; then par="-n 8"; fi
+    $py -m pytest -q $par tests/ -p no:cacheprovider 2>&1 | tee "$out/tests-$FPKERN_COMMIT.log" \
+        | tail -25
     ;;
   bench)
     gpu=$($py -c "import re, torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print(re.sub('[^a-z0-9]+', '-', n.lower()).strip('-'))")
