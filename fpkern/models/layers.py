@@ -78,24 +78,26 @@ def dense(in_features: int, out_features: int, *, init_scale: float = 1.0) -> nn
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters and state_dict) evaluated by its formula,
-    (x - mean) / sqrt(var + eps) per sample and group, then the per-channel affine map.
+    """``nn.GroupNorm`` (same parameters and state_dict) that stays differentiable to any
+    order in every mode the engine uses.
 
-    The fused kernel's forward-mode derivative fails on channels-last inputs (which the
-    einsum in ``NIN`` produces), so forward-mode AD needs this composite form.
-
-    Jets (fpkern.jet) go to ``F.group_norm`` instead, whose jet rule is one fused op
-    (fpkern/ops/group_norm_jet.py); the composite would expand into ~30 jet ops. Only Jets:
-    ``F.group_norm(x.contiguous(), ...)`` does pass nested ``torch.func.jvp`` (and vmap of
-    it, and double backward) on CPU with torch 2.13, channels-last inputs and tangents
-    included, but plain tensors keep this composite so their results and the generic
-    torch.func path (fpkern/ops/forward_mode.py) stay as they were, on every device and
-    torch version.
+    - Plain tensors: ``F.group_norm`` on a contiguous input (channels-last inputs, which the
+      einsum in ``NIN`` produces, break the fused kernel's forward-mode derivative). About
+      20% of a small-NCSN++ DSM training step on CPU went to the composite below.
+    - Under torch.func transforms (the generic path, fpkern/ops/forward_mode.py, and the
+      exact method): the formula, (x - mean) / sqrt(var + eps) per sample and group, then
+      the per-channel affine map, so that nested jvp and vmap see only elementwise ops and
+      reductions on every device and torch version.
+    - Jets (fpkern.jet): ``F.group_norm``, whose jet rule is one fused op
+      (fpkern/ops/group_norm_jet.py); the composite would expand into ~30 jet ops.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.overrides.has_torch_function_unary(x):          # a Jet (a tensor subclass)
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        if not torch._C._are_functorch_transforms_active():
+            return F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias,
+                                self.eps)
         shape = x.shape
         xg = x.reshape(shape[0], self.num_groups, -1)
         var, mean = torch.var_mean(xg, dim=-1, unbiased=False, keepdim=True)
