@@ -216,8 +216,9 @@ def _pad(func, args, kwargs):
     value = kwargs.get("value", args[3] if len(args) > 3 else None)
     if mode == "constant" and value not in (None, 0, 0.0):
         raise JetUnsupported("F.pad with a non-zero constant has no jet rule")
-    x = args[0]
-    if isinstance(x, Jet) and x.dim() >= 1:   # pads trailing dims: rows fold into the batch
+    x, pad = args[0], kwargs.get("pad", args[1] if len(args) > 1 else ())
+    if isinstance(x, Jet) and len(pad) // 2 < x.dim():
+        # pads trailing per-sample dims only: the rows fold into the batch
         return _wrap(_fold(func, x, *args[1:], **kwargs), x.layout)
     return _linear(func, args, kwargs)
 

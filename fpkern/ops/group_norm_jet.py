@@ -355,5 +355,5 @@ def group_norm_jet(rows: torch.Tensor, groups: int, weight: torch.Tensor | None 
     weight, bias = (None if t is None else t.to(rows.dtype) for t in (weight, bias))
     n1, pa, pb, c0, nc = spec
     y, _, _ = _gn_jet(rows, weight, bias, int(groups), float(eps), int(n1),
-                         [int(i) for i in pa], [int(i) for i in pb], int(c0), int(nc))
+                      [int(i) for i in pa], [int(i) for i in pb], int(c0), int(nc))
     return y
