@@ -40,6 +40,7 @@ case "$what" in
     $py -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
         --bench-json "$out/$gpu-$FPKERN_COMMIT.json" 2>&1 | tee "$out/bench-$FPKERN_COMMIT.log" \
         | sed -n '/fpkern ratios/,$p'
+    $py -m benchmarks.plot "$out/$gpu-$FPKERN_COMMIT.json"
     ;;
   *)
     echo "unknown step $what (test or bench)" >&2
