@@ -83,10 +83,11 @@ def select(tensor: torch.Tensor) -> str:
             hint = " (set TRITON_INTERPRET=1 to run Triton on CPU)" if name == "triton" else ""
             raise RuntimeError(f"backend {name!r} was requested but cannot run on {device}{hint}")
         return name
-    if device.type == "cuda" and available("triton", device):
-        return "triton"
-    if device.type == "cpu" and available("cpp", device):
-        return "cpp"
+    # the default, per call of every fused op: no torch.device construction on this path
+    if device.type == "cuda":
+        return "triton" if _triton_importable() else "torch"
+    if device.type == "cpu":
+        return "cpp" if native() is not None else "torch"
     return "torch"
 
 

@@ -66,6 +66,9 @@ COMPOSITE = {
     "einsum1_right": lambda x: torch.einsum("oi, bi -> ob", W, x * x).T,
     "stack": lambda x: torch.stack([x, torch.sin(x)], dim=-1).flatten(1),
     "cat_neg_dim": lambda x: torch.cat([torch.cos(x), x], dim=-1),
+    "jet_minus_jet": lambda x: torch.sin(x) - x * x,
+    "add_alpha": lambda x: torch.add(torch.sin(x), x * x, alpha=-0.5),
+    "add_broadcast": lambda x: x + torch.sin(x).sum(-1, keepdim=True),
 }
 
 
