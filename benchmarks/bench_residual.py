@@ -152,5 +152,5 @@ def test_train_step(record_group, case, form):
         return run
 
     fns = {p: runner(p) for p in ["dsm", "naive", "fused", "projected"]
-           if p == "dsm" or (p != "torch.func" and _provider_runs(case, p, form))}
+           if p == "dsm" or _provider_runs(case, p, form)}
     record_group(f"{case}/{form}/K1", "train_step", fns, rounds=_rounds(case))
