@@ -2,7 +2,8 @@
 
 Providers: naive (MATH.md 5: nested reverse mode, 3-point time stencil), fused (fpkern's
 method="fused": collapsed Taylor-mode jets with fused kernels; the laplacian form as
-fpkern.ops.terms: one jet pass and one kernel), projected (the div-form loss as the
+fpkern.ops.terms: one jet pass and one kernel; the div form's gradient by a forward-mode
+recompute, fpkern.ops.fused_div), projected (the div-form loss as the
 forward-only unbiased (u . r)^2, fpkern.ops.projected_residual) and torch.func (the generic
 forward-mode path, fpkern.ops.forward_mode, that fused falls back to). Modes: "fwd" (the loss
 g^2 |r|^2 / D^2), "fwdbwd" (the loss and its parameter gradient) and "train_step" (DSM +

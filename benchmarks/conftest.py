@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -34,10 +35,22 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class _Saved:
+    """A tensor autograd saved for backward, held through the hooks so that its release
+    (the graph freeing it) can be observed."""
+
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t):
+        self.t = t
+
+
 class PeakMemory:
-    """Peak memory of a call: the CUDA allocator's peak on GPU; on CPU the bytes that
-    autograd keeps alive for backward (saved tensors, deduplicated), which is what the
-    naive method's nested graphs inflate."""
+    """Peak memory of a call: the CUDA allocator's peak on GPU; on CPU the peak of the bytes
+    that autograd keeps alive for backward (saved tensors, counted once per storage while
+    any graph holds them), which is what the naive method's nested graphs inflate. A graph
+    freed inside the call (a pass whose values are kept but not its graph) stops counting
+    when it is freed."""
 
     def __init__(self):
         self.peak = 0
@@ -51,19 +64,33 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - base
             return
-        seen: dict[tuple, int] = {}
+        holders: dict[tuple, int] = {}
+        state = {"live": 0, "peak": 0}
+
+        def release(key, nbytes):
+            holders[key] -= 1
+            if not holders[key]:
+                del holders[key]
+                state["live"] -= nbytes
 
         def pack(t):
             try:
                 key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-                seen[key] = t.untyped_storage().nbytes()
+                nbytes = key[1]
             except (RuntimeError, NotImplementedError):
-                seen[(id(t), 0)] = t.numel() * t.element_size()
-            return t
+                key, nbytes = (id(t), 0), t.numel() * t.element_size()
+            if key not in holders:
+                holders[key] = 0
+                state["live"] += nbytes
+                state["peak"] = max(state["peak"], state["live"])
+            holders[key] += 1
+            held = _Saved(t)
+            weakref.finalize(held, release, key, nbytes)
+            return held
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.t):
             fn()
-        self.peak = sum(seen.values())
+        self.peak = state["peak"]
 
 
 @pytest.fixture

@@ -40,9 +40,10 @@ def scalar_fpe_rhs(x: torch.Tensor, s: torch.Tensor, div: torch.Tensor, f: torch
 
 
 def div_form_residual(xg: torch.Tensor, s: torch.Tensor, div: torch.Tensor, dts: torch.Tensor,
-                      f: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+                      f: torch.Tensor, g2: torch.Tensor, *,
+                      create_graph: bool = True) -> torch.Tensor:
     """r = d_t s - grad_x [scalar_fpe_rhs] by one reverse pass from the leaf xg (MATH.md 2),
-    with create_graph so a parameter gradient can differentiate through it."""
+    by default with create_graph so a parameter gradient can differentiate through it."""
     (grad_h,) = torch.autograd.grad(scalar_fpe_rhs(xg, s, div, f, g2).sum(), xg,
-                                    create_graph=True)
+                                    create_graph=create_graph)
     return dts - grad_h

@@ -14,7 +14,8 @@ every linear layer running once over all rows (MATH.md sections 2-3, no time ste
   Hutchinson divergence, the weighted loss and the scalar FPE term in one kernel (terms()).
   Without it, J c is a second, two-row pass (c depends on s). Forward mode only.
 - form "div": r = d_t s - grad_x[1/2 g^2 (div_V s + |s|^2) - f <x, s>]: the jet pass gives
-  div_V s, then one reverse pass over the jet graph gives the gradient.
+  div_V s, then one reverse pass over the jet graph gives the gradient; r's own gradient
+  comes from the projected pass below with u = the upstream gradient (fpkern.ops.fused_div).
 - projected_residual: u . r for a direction u per sample, forward mode only. Every term is a
   directional derivative: u . J^T c = c . J u and u . grad(div_V s) = 1/K sum_k
   v_k . d^2 s[v_k, u] (mixed second-order rows). E_u (u . r)^2 = |r|^2 for Rademacher or
@@ -26,22 +27,15 @@ then use the generic torch.func path (fpkern.ops.forward_mode).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from fpkern.jet import Jet, Layout, composite_rules
-from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
+from fpkern.jet import Jet, Layout
+from fpkern.ops import fused_div
+from fpkern.ops._common import bcast, sde_coefficients
 from fpkern.ops.combine import fpe_combine
 from fpkern.ops.terms import combine_terms
 
 __all__ = ["Layout", "jet_pass", "residual", "terms", "projected_residual"]
-
-#: The div form differentiates its reverse pass again (parameter gradients): run its jet
-#: pass on the composite rules, whose double backward is plain autograd (see
-#: fpkern.jet.rules.composite_rules).
-DIV_FORM_COMPOSITE = True
-
 
 def jet_pass(score_fn, x: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor, *,
              time: bool, layout: Layout, t_tangents: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,9 +93,11 @@ def _jvp(score_fn, x, t, c):
 
 
 def residual(score_fn, x, t, sde, form: str, V: torch.Tensor,
-             score: torch.Tensor | None = None) -> torch.Tensor:
+             score: torch.Tensor | None = None, *,
+             differentiable: bool = True) -> torch.Tensor:
     """The residual of `form`; `score` = score_fn(x, t) when the caller has it already: the
-    laplacian form then needs one jet pass (the transport row) instead of two."""
+    laplacian form then needs one jet pass (the transport row) instead of two.
+    `differentiable`: whether the div form's r carries a gradient (fpkern.ops.fused_div)."""
     f, g2 = sde_coefficients(sde, t, x)
     if form == "laplacian":
         if score is not None:
@@ -109,13 +105,7 @@ def residual(score_fn, x, t, sde, form: str, V: torch.Tensor,
         s, dts, lap = _laplacian_terms(score_fn, x, t, V)
         c = bcast(g2, x) * s - bcast(f, x) * x
         return fpe_combine(dts, lap, _jvp(score_fn, x, t, c), s, g2, f)
-    K = V.shape[0]
-    xg = x.detach().requires_grad_(True)
-    with (composite_rules() if DIV_FORM_COMPOSITE else contextlib.nullcontext()):
-        rows = jet_pass(score_fn, xg, t, V, time=True, layout=Layout(n1=K + 1))
-    s, jv, dts = rows[0], rows[1:K + 1], rows[K + 1]
-    div = (V * jv).flatten(2).sum(2).mean(0)
-    return div_form_residual(xg, s, div, dts, f, g2)
+    return fused_div.residual(score_fn, x, t, sde, V, differentiable=differentiable)
 
 
 def projected_residual(score_fn, x, t, sde, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

@@ -61,10 +61,13 @@ def _naive(score_fn, x, t, sde, form, probes, score=None):
 
 
 def _fused(score_fn, x, t, sde, form, probes, score=None):
+    grad = torch.is_grad_enabled()
     with torch.enable_grad():
-        return _with_jets(lambda: fused.residual(score_fn, x, t, sde, form, probes, score),
-                          lambda: forward_mode.residual(score_fn, x, t, sde, form, probes),
-                          score_fn)
+        r = _with_jets(lambda: fused.residual(score_fn, x, t, sde, form, probes, score,
+                                              differentiable=grad),
+                       lambda: forward_mode.residual(score_fn, x, t, sde, form, probes),
+                       score_fn)
+    return r if grad else r.detach()
 
 
 METHODS = {"exact": _exact, "naive": _naive, "fused": _fused}

@@ -299,15 +299,11 @@ def test_plain_tensors_and_state_dict_unchanged(kernel_calls):
     assert not kernel_calls
 
 
-@pytest.mark.parametrize("form, div_composite", [("laplacian", True), ("div", True),
-                                                  ("div", False)])
-def test_fused_residual_same_with_triton_and_torch(form, div_composite, kernel_calls, gen,
-                                                   monkeypatch):
-    """Same value and parameter gradients. The div form runs its jet pass on the composite
-    rules by default (fused.DIV_FORM_COMPOSITE); with kernels, its reverse pass
-    (create_graph=True) takes the reference backward of the op."""
-    from fpkern.ops import fused
-    monkeypatch.setattr(fused, "DIV_FORM_COMPOSITE", div_composite)
+@pytest.mark.parametrize("form", ["laplacian", "div"])
+def test_fused_residual_same_with_triton_and_torch(form, kernel_calls, gen):
+    """Same value and parameter gradients. The div form's value runs the kernel (forward
+    and backward); its gradient's recomputed pass has pair rows, which the per-op rules
+    take (fpkern.ops.fused_div)."""
     sde = VPSDE()
     m = _net(3, 32, 3, 16)
     score_fn = ScoreFn(m, sde)
@@ -327,7 +323,7 @@ def test_fused_residual_same_with_triton_and_torch(form, div_composite, kernel_c
     assert not kernel_calls
     r_triton, g_triton = run("triton")
     # laplacian without a known score: the jet pass and the J c pass
-    assert len(kernel_calls) == {"laplacian": 2, "div": 0 if div_composite else 1}[form]
+    assert len(kernel_calls) == {"laplacian": 2, "div": 1}[form]
     _assert_close(r_triton, r_torch, 1e-5, "residual")
     for name, a, b in zip(names, g_triton, g_torch):
         _assert_close(a, b, 1e-4, f"grad {name}")

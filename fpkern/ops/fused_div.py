@@ -1,0 +1,167 @@
+"""The div-form residual of method="fused": value by one reverse pass, gradient by forward mode.
+
+    residual(score_fn, x, t, sde, V) -> r   (shape of x, differentiable)
+
+r = d_t s - grad_x h with h = 1/2 g^2 (div_V s + |s|^2) - f <x, s> (MATH.md 2-3). Its value
+takes one jet pass (rows x, v_1..v_K, time; fused kernels) and one reverse pass over it
+(fpkern.ops._common.div_form_residual without create_graph). Nothing of either pass is kept.
+
+The gradient does not differentiate that reverse pass again. For an upstream gradient rho
+(the cotangent of r), rho . r is the projected residual u . r with u = rho, which forward
+mode computes exactly (fpkern.ops.fused.projected_residual: u . J^T c = c . J u, and
+u . grad div_V s from the mixed rows D^2 s[v_k, u]). The backward therefore recomputes
+u . r with u = rho in one jet pass and runs one ordinary reverse pass over it, so
+dL/dtheta = d(rho . r)/dtheta needs no double backward: the fused kernels' hand-written
+backward serves, and only one jet graph is alive at a time.
+
+Costs and limits (measured in benchmarks/bench_residual.py, div vector residual):
+- the backward runs the network again (like activation checkpointing): its parameters
+  must not change between the forward and the backward (checked: an in-place change
+  raises); random ops (dropout) replay the forward's random numbers and the pass runs
+  under the forward's autocast mode, as torch.utils.checkpoint does;
+- when the caller records the backward itself (create_graph, e.g. a Hessian-vector
+  product), the backward runs the old way instead: r again with its reverse pass in the
+  graph (composite rules), then a VJP with create_graph;
+- the recomputed pass has 2K + 3 rows (value, probes, u, time, one mixed row per probe)
+  against K + 2 in the forward, so large K makes the backward dearer;
+- gradients flow to the leaves the score depends on (found by walking the forward's
+  graph: the parameters, and any other leaf tensor requiring grad), and to x, t and V.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fpkern.jet import Layout, composite_rules
+from fpkern.ops._common import div_form_residual, sde_coefficients
+
+__all__ = ["residual"]
+
+
+def _leaves(root: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors requiring grad that `root` depends on, in graph order."""
+    out, seen = [], set()
+    stack = [root.grad_fn] if root.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)      # AccumulateGrad holds its leaf
+        if leaf is not None:
+            out.append(leaf)
+        else:
+            stack.extend(nxt for nxt, _ in node.next_functions)
+    return out
+
+
+def _forward_state(device: torch.device):
+    """What the recomputed pass must see as the forward did: the random state (dropout
+    masks) and the autocast mode (mixed precision)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    amp = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+    return torch.get_rng_state(), cuda, amp
+
+
+@contextlib.contextmanager
+def _replay(state, device: torch.device):
+    """Run the block on the forward's random state and autocast mode (_forward_state),
+    then restore the caller's random state."""
+    cpu, cuda, (amp, amp_dtype) = state
+    with (torch.random.fork_rng(devices=[device] if cuda is not None else []),
+          torch.autocast(device.type, dtype=amp_dtype, enabled=amp)):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
+def _value(score_fn, x, t, sde, V, *, create_graph: bool = False):
+    """(r, the leaves r depends on) by one jet pass and one reverse pass; x is made a leaf
+    here, t and V are used as given."""
+    from fpkern.ops.fused import jet_pass
+
+    K = V.shape[0]
+    f, g2 = sde_coefficients(sde, t, x)
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        rows = jet_pass(score_fn, xg, t, V, time=True, layout=Layout(n1=K + 1))
+        leaves = [leaf for leaf in _leaves(rows) if leaf is not xg]
+        s, jv, dts = rows[0], rows[1:K + 1], rows[K + 1]
+        div = (V * jv).flatten(2).sum(2).mean(0)
+        r = div_form_residual(xg, s, div, dts, f, g2, create_graph=create_graph)
+    return r, leaves, xg
+
+
+class _DivResidual(torch.autograd.Function):
+    """r as one autograd node; backward: d(rho . r) by the projected pass (module doc).
+
+    apply(r, replay, x, t, V, *leaves); replay = (score_fn, sde, _forward_state)."""
+
+    @staticmethod
+    def forward(ctx, r, replay, x, t, V, *leaves):
+        ctx.replay = replay
+        ctx.leaves = leaves
+        ctx.versions = [leaf._version for leaf in leaves]
+        ctx.save_for_backward(x, t, V)
+        return r.clone()
+
+    @staticmethod
+    def backward(ctx, grad_r):
+        from fpkern.ops.fused import projected_residual
+
+        score_fn, sde, state = ctx.replay
+        x, t, V = ctx.saved_tensors
+        if any(leaf._version != v for leaf, v in zip(ctx.leaves, ctx.versions)):
+            raise RuntimeError(
+                "a tensor the score depends on (a network parameter) was modified in place "
+                "between the fused div-form residual and its backward (for example "
+                "optimizer.step() before loss.backward()); its backward recomputes the "
+                "network, so run backward first")
+        create = torch.is_grad_enabled()        # the caller's create_graph
+        need = ctx.needs_input_grad
+        xg = x.detach().requires_grad_(need[2])
+        tg = t.detach().requires_grad_(need[3])
+        Vg = V.detach().requires_grad_(need[4])
+        wanted = [(i, a) for i, a in zip(range(2, 5), (xg, tg, Vg)) if need[i]]
+        wanted += [(i, leaf) for i, leaf in enumerate(ctx.leaves, start=5) if need[i]]
+        grads = [None] * len(need)
+        if not wanted:
+            return tuple(grads)
+        with torch.enable_grad(), _replay(state, x.device):
+            if create:
+                got = _double_differentiable_vjp(score_fn, sde, xg, tg, Vg, grad_r, wanted)
+            else:
+                u_r = projected_residual(score_fn, xg, tg, sde, grad_r.detach(), Vg)
+                got = torch.autograd.grad(u_r.sum(), [a for _, a in wanted], allow_unused=True)
+        for (i, _), g in zip(wanted, got):
+            grads[i] = g
+        return tuple(grads)
+
+
+def _double_differentiable_vjp(score_fn, sde, xg, tg, Vg, grad_r, wanted):
+    """The VJP when the caller records the backward (create_graph): r again, its reverse
+    pass kept in the graph (composite rules: plain autograd all the way), then a VJP with
+    create_graph, so the result depends on grad_r and the parameters. (The projected pass
+    cannot serve here: u = grad_r itself depends on r, whose backward this is.) x's own
+    gradient then comes from the leaf xg of this pass: differentiable in the parameters,
+    not further back in x's history."""
+    with composite_rules():
+        r, _, xr = _value(score_fn, xg, tg, sde, Vg, create_graph=True)
+    inputs = [xr if a is xg else a for _, a in wanted]
+    return torch.autograd.grad(r, inputs, grad_r, allow_unused=True, create_graph=True)
+
+
+def residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, V: torch.Tensor, *,
+             differentiable: bool = True) -> torch.Tensor:
+    """The div-form residual r for probes V [K, *x.shape]. With `differentiable` (the
+    caller's grad mode) r carries a gradient to the parameters, x, t and V."""
+    state = _forward_state(x.device)
+    r, leaves, _ = _value(score_fn, x, t.detach(), sde, V.detach())
+    r = r.detach()
+    if not differentiable or not (leaves or x.requires_grad or t.requires_grad
+                                  or V.requires_grad):
+        return r
+    return _DivResidual.apply(r, (score_fn, sde, state), x, t, V, *leaves)

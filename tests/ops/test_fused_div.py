@@ -1,0 +1,192 @@
+"""The fused div-form residual's gradient (fpkern.ops.fused_div): a forward-mode backward
+that recomputes the network, against float64 references that differentiate the residual
+directly (tests/ops/reference.py: coordinate-wise autograd; fpkern.ops.forward_mode:
+torch.func with a create_graph reverse pass)."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fpkern.models import MLP, ScoreFn, from_preset
+from fpkern.ops import forward_mode, fpe_residual
+from fpkern.sde import VESDE, VPSDE
+from tests.ops import reference
+
+F64 = torch.float64
+
+
+def _fused(score_fn, x, t, sde, V):
+    return fpe_residual(score_fn, x, t, sde, form="div", method="fused", probes=V)
+
+
+def _assert_grads(got, want, rtol, what):
+    scale = max(w.abs().max().item() for w in want)      # some gradients are ~0
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g is not None, f"{what}: no gradient for input {i}"
+        err = (g - w).abs().max().item()
+        assert err <= rtol * scale, f"{what}: input {i} off by {err:.3g} (scale {scale:.3g})"
+
+
+def _mlp_case(gen, D=3, B=4, K=2):
+    sde = VESDE()
+    net = ScoreFn(MLP(D, width=32, depth=2), sde).double()
+    x = torch.randn(B, D, generator=gen, dtype=F64)
+    t = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=F64)[:B]
+    V = torch.randn(K, B, D, generator=gen, dtype=F64)
+    return net, sde, x, t, V
+
+
+def test_parameter_gradients_match_the_reference(gen):
+    net, sde, x, t, V = _mlp_case(gen)
+    params = [p for p in net.parameters() if p.requires_grad]
+    w = torch.randn(x.shape, generator=gen, dtype=F64)        # a non-trivial upstream rho
+    got = torch.autograd.grad((w * _fused(net, x, t, sde, V)).sum() ** 2, params)
+    ref = reference.residual(net, x, t, sde, "div", probes=V)
+    want = torch.autograd.grad((w * ref).sum() ** 2, params)
+    _assert_grads(got, want, 1e-9, "mlp")
+
+
+def test_gradients_for_x_and_t_match_central_differences(gen):
+    """The references detach x and t; the fused residual's value is tested against them,
+    so its derivative in x and t is checked by differencing that value in float64."""
+    net, sde, x, t, V = _mlp_case(gen)
+    w = torch.randn(x.shape, generator=gen, dtype=F64)
+
+    def loss(xx, tt):
+        return (w * _fused(net, xx, tt, sde, V)).sum() ** 2
+
+    xg, tg = x.clone().requires_grad_(), t.clone().requires_grad_()
+    gx, gt = torch.autograd.grad(loss(xg, tg), [xg, tg])
+    dx = torch.randn(x.shape, generator=gen, dtype=F64)
+    dt = torch.tensor([0.3, -0.2, 0.5, 0.0], dtype=F64)      # keeps t inside [0, 1]
+    eps = 1e-6
+    with torch.no_grad():
+        fdx = (loss(x + eps * dx, t) - loss(x - eps * dx, t)) / (2 * eps)
+        fdt = (loss(x, t + eps * dt) - loss(x, t - eps * dt)) / (2 * eps)
+    assert torch.isclose((gx * dx).sum(), fdx, rtol=1e-6), ((gx * dx).sum().item(), fdx.item())
+    assert torch.isclose((gt * dt).sum(), fdt, rtol=1e-6), ((gt * dt).sum().item(), fdt.item())
+
+
+def test_closure_tensors_requiring_grad_get_their_gradient(gen):
+    """Leaves the score depends on are found in the forward's graph, not by .parameters()."""
+    net, sde, x, t, V = _mlp_case(gen)
+    scale = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    shift = torch.randn(3, generator=gen, dtype=F64).requires_grad_()
+
+    def score_fn(y, s):
+        return net(y, s) * scale + torch.tanh(y) * shift
+
+    got = torch.autograd.grad(_fused(score_fn, x, t, sde, V).pow(2).sum(), [scale, shift])
+    want = torch.autograd.grad(reference.residual(score_fn, x, t, sde, "div", probes=V)
+                               .pow(2).sum(), [scale, shift])
+    _assert_grads(got, want, 1e-9, "closure")
+
+
+def test_ncsnpp_parameter_gradients_match_the_generic_path(gen):
+    sde = VPSDE()
+    net = ScoreFn(from_preset("small/ddpmpp"), sde).double().eval()
+    shape = tuple(net.input_shape)
+    x = torch.randn((2,) + shape, generator=gen, dtype=F64)
+    t = torch.tensor([0.01, 0.6], dtype=F64)
+    V = torch.randn((1, 2) + shape, generator=gen, dtype=F64)
+    params = [p for p in net.parameters() if p.requires_grad]
+    got = torch.autograd.grad(_fused(net, x, t, sde, V).pow(2).sum(), params)
+    want = torch.autograd.grad(forward_mode.residual(net, x, t, sde, "div", V).pow(2).sum(),
+                               params)
+    _assert_grads(got, want, 1e-9, "ddpm++")
+
+
+def test_double_backward_matches_the_reference(gen):
+    """create_graph through the residual's backward (a Hessian-vector product in the
+    parameters) is differentiable: the recomputed pass records its own graph."""
+    net, sde, x, t, V = _mlp_case(gen, B=3)
+    params = [p for p in net.parameters() if p.requires_grad]
+    dirs = [torch.randn(p.shape, generator=gen, dtype=F64) for p in params]
+
+    def hvp(r):
+        g = torch.autograd.grad(r.pow(2).sum(), params, create_graph=True)
+        return torch.autograd.grad(sum((a * d).sum() for a, d in zip(g, dirs)), params)
+
+    got = hvp(_fused(net, x, t, sde, V))
+    want = hvp(reference.residual(net, x, t, sde, "div", probes=V))
+    _assert_grads(got, want, 1e-8, "hvp")
+
+
+class _DropoutScore(nn.Module):
+    """A small score network with dropout in training mode."""
+
+    def __init__(self, D=3, width=16, p=0.3):
+        super().__init__()
+        self.inp, self.out, self.p = nn.Linear(D + 1, width), nn.Linear(width, D), p
+
+    def forward(self, x, t):
+        h = F.silu(self.inp(torch.cat([x, t[:, None]], 1)))
+        return self.out(F.dropout(h, self.p, training=self.training))
+
+
+def test_dropout_masks_are_replayed_in_the_backward(gen):
+    """The backward recomputes the network: its dropout masks must be the forward's. The
+    gradient is checked against a central difference of the loss with the same seed."""
+    torch.manual_seed(0)
+    net = _DropoutScore().double().train()
+    sde = VPSDE()
+    x = torch.randn(5, 3, generator=gen, dtype=F64)
+    t = torch.rand(5, generator=gen, dtype=F64) * 0.9 + 0.05
+    V = torch.randn(1, 5, 3, generator=gen, dtype=F64)
+    w = net.inp.weight
+    d = torch.randn(w.shape, generator=gen, dtype=F64)
+
+    def loss():
+        torch.manual_seed(7)
+        return _fused(net, x, t, sde, V).pow(2).sum()
+
+    (g,) = torch.autograd.grad(loss(), [w])
+    eps = 1e-6
+    with torch.no_grad():
+        w += eps * d
+        up = loss()
+        w -= 2 * eps * d
+        down = loss()
+        w += eps * d
+    fd = (up - down) / (2 * eps)
+    assert torch.isclose((g * d).sum(), fd, rtol=1e-6), ((g * d).sum().item(), fd.item())
+    torch.manual_seed(7)
+    first = _fused(net, x, t, sde, V)
+    assert not torch.equal(first, _fused(net, x, t, sde, V)), "dropout drew no new masks"
+
+
+def test_changing_parameters_before_backward_raises(gen):
+    net, sde, x, t, V = _mlp_case(gen)
+    loss = _fused(net, x, t, sde, V).pow(2).sum()
+    with torch.no_grad():
+        net.net.inp.weight.mul_(1.01)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
+
+
+def test_no_graph_without_grad_mode(gen):
+    net, sde, x, t, V = _mlp_case(gen)
+    with torch.no_grad():
+        r = _fused(net, x, t, sde, V)
+    assert r.grad_fn is None and not r.requires_grad
+    want = reference.residual(net, x, t, sde, "div", probes=V)
+    assert torch.allclose(r, want, rtol=1e-9, atol=1e-12 * want.abs().max().item())
+
+
+def test_the_backward_runs_under_the_forwards_autocast(gen):
+    """Mixed precision: the recomputed pass must run the network as the forward did."""
+    net, sde, x, t, V = _mlp_case(gen)
+    net.float()
+    modes = []
+
+    def score_fn(y, s):
+        modes.append(torch.is_autocast_enabled("cpu"))
+        return net(y, s)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _fused(score_fn, x.float(), t.float(), sde, V.float()).float().pow(2).sum()
+    assert modes == [True]
+    loss.backward()
+    assert modes == [True, True]
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
