@@ -104,7 +104,7 @@ class Jet(torch.Tensor):
     def __new__(cls, rows: torch.Tensor, layout: Layout):
         if rows.shape[0] != layout.rows:
             raise ValueError(f"layout has {layout.rows} rows, got a tensor with {rows.shape[0]}")
-        shell = torch.Tensor._make_subclass(cls, rows[0].detach(), False)
+        shell = torch.Tensor._make_subclass(cls, rows.detach()[0], False)   # no autograd view
         shell._rows = rows
         shell._layout = layout
         return shell
