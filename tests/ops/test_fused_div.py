@@ -190,3 +190,53 @@ def test_the_backward_runs_under_the_forwards_autocast(gen):
     loss.backward()
     assert modes == [True, True]
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+
+
+class _TinyConvScore(nn.Module):
+    """conv -> GroupNorm -> SiLU -> conv, time added as a channel bias."""
+
+    def __init__(self, C=2, width=8):
+        super().__init__()
+        from fpkern.models.layers import GroupNorm
+        self.inp, self.out = nn.Conv2d(C, width, 3, padding=1), nn.Conv2d(width, C, 3, padding=1)
+        self.norm, self.temb = GroupNorm(2, width), nn.Linear(1, width)
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.temb(t[:, None])[:, :, None, None]
+        return self.out(F.silu(self.norm(h)))
+
+
+def test_triton_kernels_give_the_same_value_and_gradients(gen, monkeypatch):
+    """The forward's jet pass and the backward's recomputed pass (pair rows) through the
+    Triton activation and group-norm kernels (the interpreter on CPU) against torch."""
+    from fpkern import backend
+    from fpkern.kernels import group_norm_jet as gk, jet_act as ak
+    layouts = []
+    for mod, name, pairs_at in ((ak, "jet_act_forward", lambda a: a[3]),
+                                (gk, "group_norm_jet_forward", lambda a: a[5][1])):
+        real = getattr(mod, name)
+
+        def spy(*a, _real=real, _pairs=pairs_at, **k):
+            layouts.append(len(_pairs(a)))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(mod, name, spy)
+    torch.manual_seed(0)
+    net = _TinyConvScore()
+    sde = VPSDE()
+    x = torch.randn(3, 2, 4, 4, generator=gen)
+    t = torch.tensor([0.01, 0.3, 0.9])
+    V = torch.randn(1, 3, 2, 4, 4, generator=gen)
+    params = list(net.parameters())
+
+    def run(name):
+        with backend.use_backend(name):
+            r = _fused(net, x, t, sde, V)
+            return r.detach(), torch.autograd.grad(r.pow(2).sum(), params)
+
+    r_torch, g_torch = run("torch")
+    assert not layouts
+    r_triton, g_triton = run("triton")
+    assert sorted(set(layouts)) == [0, 1], "forward (no pairs) and backward (a pair) kernels"
+    assert torch.allclose(r_triton, r_torch, rtol=1e-4, atol=1e-4 * r_torch.abs().max().item())
+    _assert_grads(g_triton, g_torch, 1e-4, "triton")
