@@ -89,8 +89,8 @@ def kernels_enabled() -> bool:
 def composite_rules():
     """Use the composite torch rules in this block, not the fused kernels. The fused ops'
     backward is hand-written; differentiating it again (double backward, as the div-form
-    residual's reverse pass does) recomputes their torch reference, which costs more than
-    running the composite rules in the first place."""
+    residual's backward does under create_graph, fpkern.ops.fused_div) recomputes their
+    torch reference, which costs more than running the composite rules in the first place."""
     token = _KERNELS.set(False)
     try:
         yield

@@ -37,6 +37,7 @@ from fpkern.ops.terms import combine_terms
 
 __all__ = ["Layout", "jet_pass", "residual", "terms", "projected_residual"]
 
+
 def jet_pass(score_fn, x: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor, *,
              time: bool, layout: Layout, t_tangents: torch.Tensor | None = None) -> torch.Tensor:
     """Run score_fn on Jets: first-order x rows = tangents (then a time row if `time`).
