@@ -367,11 +367,24 @@ def _elementwise(x: Jet, phi, d1, d2) -> Jet:
     return _wrap(torch.cat([phi[None], d1 * r[L.first], second]), L)
 
 
+def _act_after_group_norm(x: Jet, act: str):
+    """act(GroupNorm(...)) as one node that saves the GroupNorm's input only
+    (fpkern.ops.group_norm_act), when x is the fused GroupNorm rule's output; else None."""
+    src = x._source
+    if src is None or src[0] != "group_norm" or not kernels_enabled():
+        return None
+    from fpkern.ops.group_norm_act import group_norm_act
+    _, rows, w, b, groups, eps, spec, mean, var = src
+    return group_norm_act(rows, w, b, groups, eps, spec, act, x.rows, mean, var)
+
+
 def _unary(derivs, fused: str | None = None):
     def handler(func, args, kwargs):
         x = args[0]
         if fused is not None and not kwargs.get("inplace", False):
-            rows = _fused_act(x, fused)
+            rows = _act_after_group_norm(x, fused)
+            if rows is None:
+                rows = _fused_act(x, fused)
             if rows is not None:
                 return _wrap(rows, x.layout)
         phi, d1, d2 = derivs(x.rows[0], *args[1:], **kwargs)
@@ -655,8 +668,13 @@ def _group_norm(func, args, kwargs):
             and not isinstance(weight, Jet) and not isinstance(bias, Jet)
             and kernels_enabled() and _native_backend(x.rows)):
         # the fused rule (one op, hand-written backward); lazy import: fpkern.ops uses jets
-        from fpkern.ops.group_norm_jet import group_norm_jet
-        return _wrap(group_norm_jet(x.rows, groups, weight, bias, eps, spec), x.layout)
+        from fpkern.ops._eager import tracing
+        from fpkern.ops.group_norm_jet import group_norm_jet_stats
+        y, w, b, mean, var = group_norm_jet_stats(x.rows, groups, weight, bias, eps, spec)
+        out = _wrap(y, x.layout)
+        if not tracing(x.rows):     # an activation next fuses with it (_act_after_group_norm)
+            out._source = ("group_norm", x.rows, w, b, int(groups), float(eps), spec, mean, var)
+        return out
     shape = x.shape
     xg = x.reshape(shape[0], groups, -1)
     mean = xg.mean(dim=-1, keepdim=True)

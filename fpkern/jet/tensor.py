@@ -94,10 +94,12 @@ class Jet(torch.Tensor):
 
     The tensor itself is a detached view of the value (it gives shape, dtype and device);
     every computation goes through ``__torch_function__`` and the jet rules in
-    fpkern.jet.rules, which read and write ``rows``.
+    fpkern.jet.rules, which read and write ``rows``. A rule may record in ``_source`` how
+    it made the rows, for a consumer rule that fuses with it (GroupNorm -> activation).
     """
 
     _rows: torch.Tensor
+    _source: tuple | None = None
     _layout: Layout
 
     @staticmethod

@@ -1,8 +1,10 @@
 """Score-FPE residual ops and their fused building blocks.
 
 The fused jet rules live in their own modules, each op beside its reference:
-fpkern.ops.jet_act (activations), fpkern.ops.group_norm_jet, fpkern.ops.mlp_jet (the whole
-MLP, Triton) and fpkern.ops.terms (the laplacian-form FPE terms)."""
+fpkern.ops.jet_act (activations), fpkern.ops.group_norm_jet, fpkern.ops.group_norm_act (an
+activation after a GroupNorm as one node keeping less), fpkern.ops.mlp_jet (the whole MLP,
+Triton) and fpkern.ops.terms (the laplacian-form FPE terms). The div-form residual's
+gradient: fpkern.ops.fused_div."""
 
 from fpkern.ops._common import scalar_fpe_rhs
 from fpkern.ops.combine import (fpe_combine, fpe_combine_ref, hutchinson_reduce,

@@ -17,10 +17,10 @@ from typing import Callable
 
 import torch
 
-__all__ = ["EagerOp", "pick"]
+__all__ = ["EagerOp", "pick", "tracing"]
 
 
-def _tracing(first) -> bool:
+def tracing(first) -> bool:
     """Whether a tracer runs: torch.compile, or AOT/make_fx tracing (whose tensors are
     subclasses such as FakeTensor). torch.func transforms take neither path (the fused ops
     have no functorch rules; the generic torch.func path runs on plain tensors instead)."""
@@ -30,7 +30,7 @@ def _tracing(first) -> bool:
 def pick(op: Callable, impl: Callable, *args):
     """op(*args) while a tracer runs, else impl(*args): for the backward kernels, which an
     eager backward calls directly."""
-    return op(*args) if _tracing(args[0]) else impl(*args)
+    return op(*args) if tracing(args[0]) else impl(*args)
 
 
 class EagerOp:
@@ -57,6 +57,6 @@ class EagerOp:
         self._function = _Function
 
     def __call__(self, *args):
-        if _tracing(args[0]):
+        if tracing(args[0]):
             return self.op(*args)
         return self._function.apply(*args)

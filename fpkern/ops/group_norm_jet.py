@@ -30,7 +30,7 @@ import torch
 from fpkern import backend
 from fpkern.ops._eager import EagerOp, pick
 
-__all__ = ["group_norm_jet", "group_norm_jet_ref"]
+__all__ = ["group_norm_jet_stats", "group_norm_jet", "group_norm_jet_ref"]
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
@@ -344,16 +344,23 @@ _gn_jet = EagerOp(_gn_jet_op, _forward, _setup, _backward)
 
 
 # ---- public function ---------------------------------------------------------------------
-def group_norm_jet(rows: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None, eps: float = 1e-5, spec=None) -> torch.Tensor:
-    """The rows of F.group_norm(Jet, groups, weight, bias, eps) for input rows
-    [R, B, C, *spatial] with layout spec (n1, pair_a, pair_b, c0, nc) (Layout.kernel_spec)."""
+def group_norm_jet_stats(rows: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None, eps: float = 1e-5, spec=None):
+    """group_norm_jet with what a fused consumer needs (fpkern.ops.group_norm_act):
+    (y, weight, bias, mean, var), weight and bias cast to the rows' dtype."""
     if spec is None:
         raise ValueError("spec (Layout.kernel_spec: (n1, pair_a, pair_b, c0, nc)) is required")
     _check(rows, groups, weight, bias, spec)
     # weight and bias in the rows' dtype (autograd casts their gradients back)
     weight, bias = (None if t is None else t.to(rows.dtype) for t in (weight, bias))
     n1, pa, pb, c0, nc = spec
-    y, _, _ = _gn_jet(rows, weight, bias, int(groups), float(eps), int(n1),
-                      [int(i) for i in pa], [int(i) for i in pb], int(c0), int(nc))
-    return y
+    y, mean, var = _gn_jet(rows, weight, bias, int(groups), float(eps), int(n1),
+                           [int(i) for i in pa], [int(i) for i in pb], int(c0), int(nc))
+    return y, weight, bias, mean, var
+
+
+def group_norm_jet(rows: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5, spec=None) -> torch.Tensor:
+    """The rows of F.group_norm(Jet, groups, weight, bias, eps) for input rows
+    [R, B, C, *spatial] with layout spec (n1, pair_a, pair_b, c0, nc) (Layout.kernel_spec)."""
+    return group_norm_jet_stats(rows, groups, weight, bias, eps, spec)[0]
