@@ -123,6 +123,9 @@ class FPLoss:
     ``batch``: evaluate on the first ``batch`` samples only (None: all), a cost knob.
     ``data_range``: (lo, hi) for fp_points 'random' (None: the batch's min and max).
     ``estimator``: 'vector' (|r|^2 from r) or 'projected' ((u . r)^2, see ESTIMATORS).
+    With form 'div', method 'fused' and estimator 'vector', the backward reruns the network
+    (fpkern.ops.fused_div, like activation checkpointing): call backward before changing the
+    parameters.
     """
 
     def __init__(self, sde: LinearSDE, *, alpha: float = 0.15, beta: float = 0.01, m: float = 2,

@@ -25,7 +25,10 @@ Costs and limits (measured in benchmarks/bench_residual.py, div vector residual)
 - the recomputed pass has 2K + 3 rows (value, probes, u, time, one mixed row per probe)
   against K + 2 in the forward, so large K makes the backward dearer;
 - gradients flow to the leaves the score depends on (found by walking the forward's
-  graph: the parameters, and any other leaf tensor requiring grad), and to x, t and V.
+  graph: the parameters, and any other leaf tensor requiring grad), and to x, t and V;
+- a score_fn wrapped in torch's DistributedDataParallel would see its forward run again
+  inside the backward, which DDP does not allow; fpkern's training loop averages gradients
+  itself (fpkern/train/loop.py) and is not affected.
 """
 
 from __future__ import annotations
