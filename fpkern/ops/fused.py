@@ -99,14 +99,14 @@ def residual(score_fn, x, t, sde, form: str, V: torch.Tensor,
     """The residual of `form`; `score` = score_fn(x, t) when the caller has it already: the
     laplacian form then needs one jet pass (the transport row) instead of two.
     `differentiable`: whether the div form's r carries a gradient (fpkern.ops.fused_div)."""
+    if form != "laplacian":
+        return fused_div.residual(score_fn, x, t, sde, V, differentiable=differentiable)
+    if score is not None:
+        return terms(score_fn, x, t, sde, V, score, x.new_ones(x.shape[0]), 2.0)[0]
     f, g2 = sde_coefficients(sde, t, x)
-    if form == "laplacian":
-        if score is not None:
-            return terms(score_fn, x, t, sde, V, score, torch.ones_like(g2), 2.0)[0]
-        s, dts, lap = _laplacian_terms(score_fn, x, t, V)
-        c = bcast(g2, x) * s - bcast(f, x) * x
-        return fpe_combine(dts, lap, _jvp(score_fn, x, t, c), s, g2, f)
-    return fused_div.residual(score_fn, x, t, sde, V, differentiable=differentiable)
+    s, dts, lap = _laplacian_terms(score_fn, x, t, V)
+    c = bcast(g2, x) * s - bcast(f, x) * x
+    return fpe_combine(dts, lap, _jvp(score_fn, x, t, c), s, g2, f)
 
 
 def projected_residual(score_fn, x, t, sde, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

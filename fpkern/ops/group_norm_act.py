@@ -41,21 +41,14 @@ class _GroupNormAct(torch.autograd.Function):
         groups, eps, spec, act = ctx.conf
         need = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():          # create_graph: differentiable references
-            with torch.enable_grad():
-                ins = [t if t is None or t.requires_grad else t.detach().requires_grad_(True)
-                       for t in (x, weight, bias)]
-                out = ja.jet_act_ref(gn.group_norm_jet_ref(ins[0], groups, ins[1], ins[2],
-                                                           eps, spec), act, spec)
-                wanted = [t for t, n in zip(ins, need) if n and t is not None]
-                got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-            grads = [next(got) if n and t is not None else None for t, n in zip(ins, need)]
-            return tuple(grads) + (None,) * 7
+            return tuple(gn._reference_grads(
+                lambda r, w, b: ja.jet_act_ref(gn.group_norm_jet_ref(r, groups, w, b, eps, spec),
+                                               act, spec),
+                grad, x, weight, bias, need)) + (None,) * 7
         y, _, _ = gn._fwd_impl(x, weight, bias, groups, eps, spec)
         gy = ja._bwd_impl(grad.contiguous(), y, act, spec)
         dx, dw, db = gn._bwd_impl(gy, x, weight, mean, var, groups, eps, spec)
-        return ((dx if need[0] else None),
-                (dw.to(weight.dtype) if need[1] and weight is not None else None),
-                (db.to(bias.dtype) if need[2] and bias is not None else None)) + (None,) * 7
+        return tuple(gn._kernel_grads(dx, dw, db, weight, bias, need)) + (None,) * 7
 
 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -318,25 +318,39 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, var)
 
 
+def _reference_grads(ref, grad, rows, weight, bias, need):
+    """[d rows, d weight, d bias] of ref(rows, weight, bias) against grad, with create_graph
+    (a backward that is itself differentiable); None where `need` says no or the input is
+    None. Shared with fpkern.ops.group_norm_act."""
+    with torch.enable_grad():
+        ins = [t if t is None or t.requires_grad else t.detach().requires_grad_(True)
+               for t in (rows, weight, bias)]
+        out = ref(*ins)
+        wanted = [t for t, n in zip(ins, need) if n and t is not None]
+        got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+    return [next(got) if n and t is not None else None for t, n in zip(ins, need)]
+
+
+def _kernel_grads(d_rows, d_w, d_b, weight, bias, need):
+    """The backward kernel's outputs as autograd wants them: None where not needed, the
+    parameters' gradients in the parameters' dtype."""
+    return [d_rows if need[0] else None,
+            d_w.to(weight.dtype) if need[1] and weight is not None else None,
+            d_b.to(bias.dtype) if need[2] and bias is not None else None]
+
+
 def _backward(ctx, grad, _grad_mean, _grad_var):
     rows, weight, bias, mean, var = ctx.saved_tensors
     groups, eps, n1, pa, pb, c0, nc = ctx.layout
     need = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():      # create_graph: a backward that is itself differentiable
-        with torch.enable_grad():
-            ins = [t if t is None or t.requires_grad else t.detach().requires_grad_(True)
-                   for t in (rows, weight, bias)]
-            out = group_norm_jet_ref(ins[0], groups, ins[1], ins[2], eps,
-                                     _spec(n1, pa, pb, c0, nc))
-            wanted = [t for t, n in zip(ins, need) if n and t is not None]
-            got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-        grads = [next(got) if n and t is not None else None for t, n in zip(ins, need)]
-        return tuple(grads) + (None,) * 7
+        spec = _spec(n1, pa, pb, c0, nc)
+        return tuple(_reference_grads(
+            lambda r, w, b: group_norm_jet_ref(r, groups, w, b, eps, spec),
+            grad, rows, weight, bias, need)) + (None,) * 7
     d_rows, d_w, d_b = pick(_gn_jet_bwd_op, _backward_kernel, grad.contiguous(), rows, weight,
                             mean, var, groups, eps, n1, pa, pb, c0, nc)
-    return ((d_rows if need[0] else None),
-            (d_w.to(weight.dtype) if need[1] and weight is not None else None),
-            (d_b.to(bias.dtype) if need[2] and bias is not None else None)) + (None,) * 7
+    return tuple(_kernel_grads(d_rows, d_w, d_b, weight, bias, need)) + (None,) * 7
 
 
 _gn_jet_op.register_autograd(_backward, setup_context=_setup)
