@@ -7,7 +7,8 @@ recompute, fpkern.ops.fused_div), projected (the div-form loss as the
 forward-only unbiased (u . r)^2, fpkern.ops.projected_residual) and torch.func (the generic
 forward-mode path, fpkern.ops.forward_mode, that fused falls back to). Modes: "fwd" (the loss
 g^2 |r|^2 / D^2), "fwdbwd" (the loss and its parameter gradient) and "train_step" (DSM +
-0.15 FP loss sharing the DSM forward, backward and Adam; against a plain DSM step).
+0.15 FP loss sharing passes as fpkern.losses.FPLoss.with_dsm does, backward and Adam;
+against a plain DSM step).
 Cases: MLP score networks for D = 2 and 64 and the small NCSN++ preset (CPU and GPU); the
 CIFAR-10 NCSN++ and DDPM++ presets at batch 64 (GPU only).
 Run: `pytest benchmarks/ --benchmark-only [--bench-json PATH]`.
@@ -58,7 +59,7 @@ def _fp_loss(net, sde, x, t, provider, form, K, score=None):
     if provider == "projected":
         sq = projected_residual(net, x, t, sde, probes=V).pow(2)
     elif provider == "fused" and form == "laplacian":
-        return fpe_terms(net, x, t, sde, weight=sde.g2(t) / D ** 2, probes=V,
+        return fpe_terms(net, x, t, sde, form="laplacian", weight=sde.g2(t) / D ** 2, probes=V,
                          score=score).loss.mean()
     elif provider == "torch.func":
         with torch.enable_grad():
@@ -73,6 +74,24 @@ def _fp_loss(net, sde, x, t, provider, form, K, score=None):
 def _dsm_loss(sde, s, t, z):
     std = sde.sigma(t).reshape((-1,) + (1,) * (s.dim() - 1))
     return (sde.g2(t) * (s + z / std).flatten(1).pow(2).mean(1)).mean()
+
+
+def _train_loss(net, sde, x, t, z, provider, form):
+    """DSM + 0.15 FP at the same points. fused and projected share passes as FPLoss.with_dsm
+    does: in the div form the DSM term takes s from the FP term's pass (no plain forward),
+    in the laplacian form the DSM forward's s gives the pass its transport direction."""
+    if provider in ("fused", "projected") and form == "div":
+        V = torch.randn((1,) + x.shape, device=x.device)
+        D = x[0].numel()
+        terms = fpe_terms(net, x, t, sde, form="div", weight=sde.g2(t) / D ** 2, probes=V,
+                          directions=1 if provider == "projected" else None)
+        return _dsm_loss(sde, terms.score, t, z) + 0.15 * terms.loss.mean()
+    s = net(x, t)
+    loss = _dsm_loss(sde, s, t, z)
+    if provider != "dsm":
+        shared = s if provider == "fused" else None
+        loss = loss + 0.15 * _fp_loss(net, sde, x, t, provider, form, 1, score=shared)
+    return loss
 
 
 def _sync():
@@ -131,8 +150,7 @@ def test_fp_loss(record_group, case, form, K, mode):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("form", ["div", "laplacian"])
 def test_train_step(record_group, case, form):
-    """DSM + 0.15 FP at the same points against a plain DSM step; fused shares the DSM
-    forward's score (the laplacian form then needs one jet pass)."""
+    """DSM + 0.15 FP at the same points against a plain DSM step (_train_loss)."""
     if (why := _case_skip(case)) is not None:
         pytest.skip(why)
     net, sde, x, t, z = _case(case)
@@ -142,12 +160,7 @@ def test_train_step(record_group, case, form):
 
         def run():
             opt.zero_grad(set_to_none=True)
-            s = net(x, t)
-            loss = _dsm_loss(sde, s, t, z)
-            if provider != "dsm":
-                shared = s if provider == "fused" else None
-                loss = loss + 0.15 * _fp_loss(net, sde, x, t, provider, form, 1, score=shared)
-            loss.backward()
+            _train_loss(net, sde, x, t, z, provider, form).backward()
             opt.step()
             _sync()
         return run

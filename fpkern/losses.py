@@ -8,15 +8,19 @@ per-sample vector term and the batch-level scalar term; the training loop reduce
 
     dsm = DSMLoss(sde)                       # likelihood weighting, t ~ U[eps, T]
     fp = FPLoss(sde)                         # paper defaults: alpha .15, beta .01, m 2, 'll'
-    d = dsm(score_fn, x, generator=g)        # DSMOutput: per-sample loss, t, x_t, z, s
-    f = fp(score_fn, x, dsm=d, generator=g)  # FPOutput: per-sample vec, batch scalar
+    d, f = fp.with_dsm(dsm, score_fn, x, generator=g)   # DSMOutput, FPOutput
     loss = d.loss.mean() + f.loss
 
-Sharing with the DSM forward (fp_points='pert'): the FP terms use the DSM term's t and
-x_t, and reuse its score s. With form 'laplacian' and method 'fused' both terms come from
-one jet pass (s fixes its transport direction) and one fused kernel (fpkern.ops.terms),
-the divergence of the scalar term included. Otherwise the residual recomputes s inside its
-own derivative passes and the scalar term's Hutchinson divergence costs one more pass.
+``with_dsm`` gives the same values as d = dsm(score_fn, x) then f = fp(score_fn, x, dsm=d),
+and shares the passes: the FP terms are evaluated at the DSM term's t and x_t
+(fp_points='pert'), and with method 'fused' every FP term (the residual, the divergence of
+the scalar term, the score) comes from one pass of the network (fpkern.ops.fpe_terms).
+- form 'div' (the default): the DSM term takes its score s from that pass as well, so a
+  training step runs no plain forward at all.
+- form 'laplacian': the DSM forward's s fixes the pass's transport direction, so the DSM
+  forward runs first and the pass follows.
+With methods 'exact' and 'naive' the residual recomputes s inside its own derivative
+passes and the scalar term's Hutchinson divergence costs one more pass.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ import torch
 
 from fpkern._checks import bcast, check_choice
 
-from fpkern.ops import (FORMS, METHODS, PROBE_DISTS, fpe_residual, fpe_terms,
-                        hutchinson_divergence, projected_residual, scalar_fpe_rhs)
+from fpkern.ops import (FORMS, METHODS, PROBE_DISTS, FPETerms, fpe_residual, fpe_terms,
+                        hutchinson_divergence, scalar_fpe_rhs)
 from fpkern.sde import LinearSDE
 
 __all__ = ["DSMLoss", "FPLoss", "DSMOutput", "FPOutput", "sample_time",
@@ -104,8 +108,12 @@ class DSMLoss:
     def __call__(self, score_fn: ScoreFn, x: torch.Tensor, *,
                  generator: torch.Generator | None = None) -> DSMOutput:
         t, xt, z, std = self.perturb(x, generator=generator)
-        s = score_fn(xt, t)
-        err = (s + z / bcast(std, x)).pow(2).flatten(1).mean(1)
+        return self.from_score(score_fn(xt, t), t, xt, z, std)
+
+    def from_score(self, s: torch.Tensor, t: torch.Tensor, xt: torch.Tensor, z: torch.Tensor,
+                   std: torch.Tensor) -> DSMOutput:
+        """The DSM values for the score s = s(x_t, t) at perturb()'s points."""
+        err = (s + z / bcast(std, s)).pow(2).flatten(1).mean(1)
         lam = self.sde.g2(t) if self.weighting == "ll" else std ** 2
         return DSMOutput(lam.to(err.dtype) * err, t, xt, z, s)
 
@@ -193,27 +201,17 @@ class FPLoss:
     def __call__(self, score_fn: ScoreFn, x: torch.Tensor, *, dsm: DSMOutput | None = None,
                  generator: torch.Generator | None = None) -> FPOutput:
         y, t, s = self.points(x, dsm, generator=generator)
+        if self.alpha > 0 and self.method == "fused":
+            return self._output(self._terms(score_fn, y, t, s, generator))
         D = y[0].numel()
         zero = y.new_zeros(())
         vec = y.new_zeros(y.shape[0])
-        if self.form == "laplacian" and self.method == "fused" and self.alpha > 0:
-            # One jet pass and one fused kernel give both terms (fpkern.ops.terms).
-            w = self.weight(t).to(y.dtype) / D ** self.m
-            terms = fpe_terms(score_fn, y, t, self.sde, weight=w, m=self.m, probes=self.probes,
-                              probe_dist=self.probe_dist, generator=generator, score=s)
-            scalar = torch.linalg.vector_norm(terms.scalar) if self.beta > 0 else zero
-            return FPOutput(self.alpha * terms.loss.mean() + self.beta * scalar, terms.loss,
-                            scalar)
-        if self.alpha > 0 and self.estimator == "projected":
-            norm = projected_residual(score_fn, y, t, self.sde, probes=self.probes,
-                                      probe_dist=self.probe_dist, generator=generator).pow(2)
-        elif self.alpha > 0:
+        if self.alpha > 0:
             r = fpe_residual(score_fn, y, t, self.sde, form=self.form, method=self.method,
                              probes=self.probes, probe_dist=self.probe_dist, generator=generator,
                              score=s)
             norm = r.flatten(1).pow(2).sum(1)
             norm = norm if self.m == 2 else norm.sqrt() ** self.m
-        if self.alpha > 0:
             vec = self.weight(t).to(norm.dtype) * norm / D ** self.m
         scalar = zero
         if self.beta > 0:
@@ -224,6 +222,42 @@ class FPLoss:
             f, g2 = self.sde.f(t).to(y.dtype), self.sde.g2(t).to(y.dtype)
             scalar = torch.linalg.vector_norm(scalar_fpe_rhs(y, s, div, f, g2))
         return FPOutput(self.alpha * vec.mean() + self.beta * scalar, vec, scalar)
+
+    def with_dsm(self, dsm: DSMLoss, score_fn: ScoreFn, x: torch.Tensor, *,
+                 generator: torch.Generator | None = None) -> tuple[DSMOutput, FPOutput]:
+        """Both terms of a training step: the values of d = dsm(score_fn, x) and
+        self(score_fn, x, dsm=d), drawing the same random numbers from `generator`.
+
+        When the FP pass evaluates the score at all of the DSM's points (fp_points 'pert'
+        with no smaller `batch`, form 'div', method 'fused', alpha > 0), the DSM term takes
+        s from that pass (fpkern.ops.fpe_terms): no forward of its own, and one backward
+        serves both terms. Otherwise it runs the DSM forward first (the laplacian form needs
+        s for its transport direction).
+        """
+        if not self.shares_dsm_forward(x.shape[0]):
+            d = dsm(score_fn, x, generator=generator)
+            return d, self(score_fn, x, dsm=d, generator=generator)
+        t, xt, z, std = dsm.perturb(x, generator=generator)
+        terms = self._terms(score_fn, xt, t, None, generator)
+        return dsm.from_score(terms.score, t, xt, z, std), self._output(terms)
+
+    def shares_dsm_forward(self, batch: int) -> bool:
+        """Whether with_dsm on a batch of this size takes the DSM score from the FP pass."""
+        return (self.fp_points == "pert" and self.form == "div" and self.method == "fused"
+                and self.alpha > 0 and (self.batch is None or self.batch >= batch))
+
+    def _terms(self, score_fn, y, t, s, generator) -> FPETerms:
+        """Every FP term from one pass (method 'fused'; fpkern.ops.fpe_terms)."""
+        w = self.weight(t).to(y.dtype) / y[0].numel() ** self.m
+        return fpe_terms(score_fn, y, t, self.sde, form=self.form, weight=w, m=self.m,
+                         probes=self.probes, probe_dist=self.probe_dist, generator=generator,
+                         score=s if self.form == "laplacian" else None,
+                         directions=1 if self.estimator == "projected" else None)
+
+    def _output(self, terms: FPETerms) -> FPOutput:
+        scalar = (torch.linalg.vector_norm(terms.scalar) if self.beta > 0
+                  else terms.loss.new_zeros(()))
+        return FPOutput(self.alpha * terms.loss.mean() + self.beta * scalar, terms.loss, scalar)
 
     def __repr__(self) -> str:
         return (f"FPLoss(alpha={self.alpha}, beta={self.beta}, m={self.m}, "

@@ -180,3 +180,87 @@ def test_projected_estimator_needs_the_div_form_and_m_2():
         FPLoss(VPSDE(), estimator="projected", m=1)
     with pytest.raises(ValueError, match="valid names.*projected"):
         FPLoss(VPSDE(), estimator="nope")
+
+
+def _counting(f):
+    from fpkern.jet import Jet
+    calls = []
+
+    def counted(y, t):
+        calls.append("jet" if isinstance(y, Jet) else "plain")
+        return f(y, t)
+
+    return counted, calls
+
+
+@pytest.mark.parametrize("estimator", ["vector", "projected"])
+def test_fused_div_loss_takes_every_term_from_the_residuals_pass(estimator):
+    """form 'div', method 'fused': vec and the scalar term (its divergence with the
+    residual's probes) from one call of the score function on Jets; the gradient of the
+    vector estimator's recomputes that pass once more in the backward."""
+    from fpkern.ops import forward_mode
+    from fpkern.ops.probes import resolve_probes
+    sde = VPSDE()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    f = Field()
+    dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(8))
+    counted, calls = _counting(f)
+    fp = FPLoss(sde, alpha=0.3, beta=0.2, probes=2, estimator=estimator)
+    out = fp(counted, x, dsm=dsm, generator=torch.Generator().manual_seed(9))
+    assert calls == ["jet"]
+    g = torch.Generator().manual_seed(9)
+    V = resolve_probes(2, dsm.xt, "rademacher", g)
+    r = forward_mode.residual(f, dsm.xt, dsm.t, sde, "div", V)
+    if estimator == "projected":
+        U = resolve_probes(1, dsm.xt, "rademacher", g)[0]
+        sq = (U * r).sum(1) ** 2
+    else:
+        sq = r.pow(2).sum(1)
+    want_vec = sde.g2(dsm.t) * sq / 3 ** 2
+    s, jv = forward_mode.directional(f, dsm.xt, dsm.t, V)
+    div = (V * jv).flatten(2).sum(2).mean(0)
+    h = 0.5 * sde.g2(dsm.t) * (div + s.pow(2).sum(1)) - sde.f(dsm.t) * (dsm.xt * s).sum(1)
+    torch.testing.assert_close(out.vec, want_vec)
+    torch.testing.assert_close(out.scalar, h.norm())
+    (grad,) = torch.autograd.grad(out.loss, [f.w])
+    (g_want,) = torch.autograd.grad(0.3 * want_vec.mean() + 0.2 * h.norm(), [f.w])
+    torch.testing.assert_close(grad, g_want)
+    assert calls == (["jet"] if estimator == "projected" else ["jet", "jet"])
+
+
+@pytest.mark.parametrize("config, shared", [
+    (dict(), True),                                          # div, vector: the default
+    (dict(estimator="projected"), True),
+    (dict(form="laplacian"), False),                         # needs s for its direction
+    (dict(method="naive"), False),
+    (dict(batch=3), False),                                  # FP on part of the batch only
+    (dict(fp_points="x"), False),
+    (dict(alpha=0.0), False),
+])
+def test_with_dsm_equals_the_two_terms_apart(config, shared):
+    """FPLoss.with_dsm = DSMLoss then FPLoss(dsm=...): same values and parameter gradients,
+    the same random numbers drawn; where the FP pass sees the DSM's points in the div form
+    the DSM term takes s from it and the score function never runs on plain tensors."""
+    from fpkern.models import MLP, ScoreFn
+    torch.manual_seed(0)
+    sde = VPSDE()
+    net = ScoreFn(MLP(3, width=16, depth=2), sde).double()
+    params = [p for p in net.parameters() if p.requires_grad]
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dsm = DSMLoss(sde)
+    fp = FPLoss(sde, **{"alpha": 0.3, "beta": 0.2, "probes": 2, **config})
+    assert fp.shares_dsm_forward(x.shape[0]) == shared
+    counted, calls = _counting(net)
+    g1 = torch.Generator().manual_seed(2)
+    d1, f1 = fp.with_dsm(dsm, counted, x, generator=g1)
+    assert ("plain" in calls) != shared
+    g2 = torch.Generator().manual_seed(2)
+    d2 = dsm(net, x, generator=g2)
+    f2 = fp(net, x, dsm=d2, generator=g2)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    for a, b in [(d1.loss, d2.loss), (d1.s, d2.s), (f1.vec, f2.vec), (f1.scalar, f2.scalar)]:
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    got = torch.autograd.grad(d1.loss.mean() + f1.loss, params)
+    want = torch.autograd.grad(d2.loss.mean() + f2.loss, params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10 * b.abs().max().item())

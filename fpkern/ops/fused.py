@@ -32,10 +32,10 @@ import torch
 from fpkern.jet import Jet, Layout
 from fpkern.ops import fused_div
 from fpkern.ops._common import bcast, sde_coefficients
-from fpkern.ops.combine import fpe_combine
+from fpkern.ops.combine import fpe_combine, hutchinson_reduce
 from fpkern.ops.terms import combine_terms
 
-__all__ = ["Layout", "jet_pass", "residual", "terms", "projected_residual"]
+__all__ = ["Layout", "jet_pass", "residual", "terms", "div_pass", "projected_residual"]
 
 
 def jet_pass(score_fn, x: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor, *,
@@ -80,12 +80,13 @@ def _transport_terms(score_fn, x, t, V, c):
 
 
 def terms(score_fn, x, t, sde, V, score, weight, m: float):
-    """(r, div, loss, h) of the laplacian form (fpkern.ops.terms.combine_terms) from one
-    jet pass; `score` = score_fn(x, t), which fixes the direction c = g^2 s - f x."""
+    """(r, div, loss, h, s) of the laplacian form (fpkern.ops.terms.combine_terms) from one
+    jet pass, s being its value row; `score` = score_fn(x, t), which fixes the direction
+    c = g^2 s - f x."""
     f, g2 = sde_coefficients(sde, t, x)
     c = bcast(g2, x) * score - bcast(f, x) * x
     s, jv, w, lap = _transport_terms(score_fn, x, t, V, c)
-    return combine_terms(V, jv, w, lap, s, x, g2, f, weight, m)
+    return (*combine_terms(V, jv, w, lap, s, x, g2, f, weight, m), s)
 
 
 def _jvp(score_fn, x, t, c):
@@ -109,13 +110,19 @@ def residual(score_fn, x, t, sde, form: str, V: torch.Tensor,
     return fpe_combine(dts, lap, _jvp(score_fn, x, t, c), s, g2, f)
 
 
-def projected_residual(score_fn, x, t, sde, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """u . r per sample [B] for the div form, forward mode only (see the module docstring)."""
+def div_pass(score_fn, x, t, sde, V: torch.Tensor, U: torch.Tensor | None = None):
+    """(s, div_V s [B], u . r [B] or None) of the div form from one forward-mode pass.
+
+    Without U the pass has the rows x, v_1..v_K (s and the divergence only); with U the
+    projected rows (see the module docstring) give u . r as well."""
     K = V.shape[0]
+    if U is None:
+        rows = jet_pass(score_fn, x, t, V, time=False, layout=Layout(n1=K))
+        return rows[0], hutchinson_reduce(V, rows[1:]), None
     u_row = K + 1
     layout = Layout(n1=K + 2, pairs=tuple((k, u_row) for k in range(1, K + 1)))
     rows = jet_pass(score_fn, x, t, torch.cat([V, U[None]]), time=True, layout=layout)
-    s, ju, dts, mixed = rows[0], rows[u_row], rows[K + 2], rows[K + 3:]
+    s, jv, ju, dts, mixed = rows[0], rows[1:u_row], rows[u_row], rows[K + 2], rows[K + 3:]
     f, g2 = sde_coefficients(sde, t, x)
     c = bcast(g2, x) * s - bcast(f, x) * x
 
@@ -123,4 +130,10 @@ def projected_residual(score_fn, x, t, sde, U: torch.Tensor, V: torch.Tensor) ->
         return (a * b).flatten(1).sum(1)
 
     u_grad_div = (V * mixed).flatten(2).sum(2).mean(0)
-    return dot(U, dts) - 0.5 * g2 * u_grad_div - dot(c, ju) + f * dot(U, s)
+    u_r = dot(U, dts) - 0.5 * g2 * u_grad_div - dot(c, ju) + f * dot(U, s)
+    return s, hutchinson_reduce(V, jv), u_r
+
+
+def projected_residual(score_fn, x, t, sde, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """u . r per sample [B] for the div form, forward mode only (see the module docstring)."""
+    return div_pass(score_fn, x, t, sde, V, U)[2]

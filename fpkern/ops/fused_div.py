@@ -1,10 +1,14 @@
 """The div-form residual of method="fused": value by one reverse pass, gradient by forward mode.
 
-    residual(score_fn, x, t, sde, V) -> r   (shape of x, differentiable)
+    terms(score_fn, x, t, sde, V) -> (r, s, div_V s)   (differentiable)
+    residual(score_fn, x, t, sde, V) -> r
 
 r = d_t s - grad_x h with h = 1/2 g^2 (div_V s + |s|^2) - f <x, s> (MATH.md 2-3). Its value
 takes one jet pass (rows x, v_1..v_K, time; fused kernels) and one reverse pass over it
 (fpkern.ops._common.div_form_residual without create_graph). Nothing of either pass is kept.
+The pass's value and probe rows also give the score s and its Hutchinson divergence: a
+training step takes its DSM term and the scalar FPE term from them (fpkern.losses), with
+no forward of its own.
 
 The gradient does not differentiate that reverse pass again. For an upstream gradient rho
 (the cotangent of r), rho . r is the projected residual u . r with u = rho, which forward
@@ -12,7 +16,8 @@ mode computes exactly (fpkern.ops.fused.projected_residual: u . J^T c = c . J u,
 u . grad div_V s from the mixed rows D^2 s[v_k, u]). The backward therefore recomputes
 u . r with u = rho in one jet pass and runs one ordinary reverse pass over it, so
 dL/dtheta = d(rho . r)/dtheta needs no double backward: the fused kernels' hand-written
-backward serves, and only one jet graph is alive at a time.
+backward serves, and only one jet graph is alive at a time. The same pass has s and div_V s
+in its rows, so the cotangents of s and div join rho . r there (fpkern.ops.fused.div_pass).
 
 Costs and limits (measured in benchmarks/bench_residual.py, div vector residual):
 - the backward runs the network again (like activation checkpointing): its parameters
@@ -40,7 +45,7 @@ import torch
 from fpkern.jet import Layout, composite_rules
 from fpkern.ops._common import div_form_residual, sde_coefficients
 
-__all__ = ["residual"]
+__all__ = ["terms", "residual"]
 
 
 def _leaves(root: torch.Tensor) -> list[torch.Tensor]:
@@ -82,8 +87,8 @@ def _replay(state, device: torch.device):
 
 
 def _value(score_fn, x, t, sde, V, *, create_graph: bool = False):
-    """(r, the leaves r depends on) by one jet pass and one reverse pass; x is made a leaf
-    here, t and V are used as given."""
+    """(r, s, div_V s, the leaves they depend on, x as a leaf) by one jet pass and one
+    reverse pass; t and V are used as given."""
     from fpkern.ops.fused import jet_pass
 
     K = V.shape[0]
@@ -93,27 +98,29 @@ def _value(score_fn, x, t, sde, V, *, create_graph: bool = False):
         rows = jet_pass(score_fn, xg, t, V, time=True, layout=Layout(n1=K + 1))
         leaves = [leaf for leaf in _leaves(rows) if leaf is not xg]
         s, jv, dts = rows[0], rows[1:K + 1], rows[K + 1]
-        div = (V * jv).flatten(2).sum(2).mean(0)
+        div = (V * jv).flatten(2).sum(2).mean(0)     # plain torch: the reverse pass below
         r = div_form_residual(xg, s, div, dts, f, g2, create_graph=create_graph)
-    return r, leaves, xg
+    return r, s, div, leaves, xg
 
 
 class _DivResidual(torch.autograd.Function):
-    """r as one autograd node; backward: d(rho . r) by the projected pass (module doc).
+    """(r, s, div_V s) as one autograd node; backward: the gradient of
+    rho . r + sigma . s + delta div_V s by one recomputed forward-mode pass (module doc).
 
-    apply(r, replay, x, t, V, *leaves); replay = (score_fn, sde, _forward_state)."""
+    apply(r, s, div, replay, x, t, V, *leaves); replay = (score_fn, sde, _forward_state)."""
 
     @staticmethod
-    def forward(ctx, r, replay, x, t, V, *leaves):
+    def forward(ctx, r, s, div, replay, x, t, V, *leaves):
+        ctx.set_materialize_grads(False)
         ctx.replay = replay
         ctx.leaves = leaves
         ctx.versions = [leaf._version for leaf in leaves]
         ctx.save_for_backward(x, t, V)
-        return r.clone()
+        return r.clone(), s.clone(), div.clone()
 
     @staticmethod
-    def backward(ctx, grad_r):
-        from fpkern.ops.fused import projected_residual
+    def backward(ctx, grad_r, grad_s, grad_div):
+        from fpkern.ops.fused import div_pass
 
         score_fn, sde, state = ctx.replay
         x, t, V = ctx.saved_tensors
@@ -125,46 +132,62 @@ class _DivResidual(torch.autograd.Function):
                 "network, so run backward first")
         create = torch.is_grad_enabled()        # the caller's create_graph
         need = ctx.needs_input_grad
-        xg = x.detach().requires_grad_(need[2])
-        tg = t.detach().requires_grad_(need[3])
-        Vg = V.detach().requires_grad_(need[4])
-        wanted = [(i, a) for i, a in zip(range(2, 5), (xg, tg, Vg)) if need[i]]
-        wanted += [(i, leaf) for i, leaf in enumerate(ctx.leaves, start=5) if need[i]]
+        xg = x.detach().requires_grad_(need[4])
+        tg = t.detach().requires_grad_(need[5])
+        Vg = V.detach().requires_grad_(need[6])
+        wanted = [(i, a) for i, a in zip(range(4, 7), (xg, tg, Vg)) if need[i]]
+        wanted += [(i, leaf) for i, leaf in enumerate(ctx.leaves, start=7) if need[i]]
         grads = [None] * len(need)
-        if not wanted:
+        upstream = (grad_r, grad_s, grad_div)
+        if not wanted or all(g is None for g in upstream):
             return tuple(grads)
         with torch.enable_grad(), _replay(state, x.device):
             if create:
-                got = _double_differentiable_vjp(score_fn, sde, xg, tg, Vg, grad_r, wanted)
+                got = _double_differentiable_vjp(score_fn, sde, xg, tg, Vg, upstream, wanted)
             else:
-                u_r = projected_residual(score_fn, xg, tg, sde, grad_r.detach(), Vg)
-                got = torch.autograd.grad(u_r.sum(), [a for _, a in wanted], allow_unused=True)
+                s, div, u_r = div_pass(score_fn, xg, tg, sde, Vg,
+                                       None if grad_r is None else grad_r.detach())
+                total = sum(part for part in (
+                    None if u_r is None else u_r.sum(),
+                    None if grad_s is None else (s * grad_s.detach()).sum(),
+                    None if grad_div is None else (div * grad_div.detach()).sum())
+                    if part is not None)
+                got = torch.autograd.grad(total, [a for _, a in wanted], allow_unused=True)
         for (i, _), g in zip(wanted, got):
             grads[i] = g
         return tuple(grads)
 
 
-def _double_differentiable_vjp(score_fn, sde, xg, tg, Vg, grad_r, wanted):
-    """The VJP when the caller records the backward (create_graph): r again, its reverse
-    pass kept in the graph (composite rules: plain autograd all the way), then a VJP with
-    create_graph, so the result depends on grad_r and the parameters. (The projected pass
-    cannot serve here: u = grad_r itself depends on r, whose backward this is.) x's own
-    gradient then comes from the leaf xg of this pass: differentiable in the parameters,
-    not further back in x's history."""
+def _double_differentiable_vjp(score_fn, sde, xg, tg, Vg, upstream, wanted):
+    """The VJP when the caller records the backward (create_graph): r, s and div again,
+    r's reverse pass kept in the graph (composite rules: plain autograd all the way), then
+    a VJP with create_graph, so the result depends on the upstream gradients and the
+    parameters. (The projected pass cannot serve here: u = grad_r itself depends on r,
+    whose backward this is.) x's own gradient then comes from the leaf xg of this pass:
+    differentiable in the parameters, not further back in x's history."""
     with composite_rules():
-        r, _, xr = _value(score_fn, xg, tg, sde, Vg, create_graph=True)
+        r, s, div, _, xr = _value(score_fn, xg, tg, sde, Vg, create_graph=True)
+    outs, grads = zip(*[(o, g) for o, g in zip((r, s, div), upstream) if g is not None])
     inputs = [xr if a is xg else a for _, a in wanted]
-    return torch.autograd.grad(r, inputs, grad_r, allow_unused=True, create_graph=True)
+    return torch.autograd.grad(outs, inputs, grads, allow_unused=True, create_graph=True)
+
+
+def terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, V: torch.Tensor, *,
+          differentiable: bool = True):
+    """(r, s, div_V s): the div-form residual for probes V [K, *x.shape], the score and its
+    Hutchinson divergence, all from the residual's one jet pass. With `differentiable`
+    (the caller's grad mode) they carry gradients to the parameters, x, t and V; one
+    recomputed pass in the backward serves all three."""
+    state = _forward_state(x.device)
+    r, s, div, leaves, _ = _value(score_fn, x, t.detach(), sde, V.detach())
+    r, s, div = r.detach(), s.detach(), div.detach()
+    if not differentiable or not (leaves or x.requires_grad or t.requires_grad
+                                  or V.requires_grad):
+        return r, s, div
+    return _DivResidual.apply(r, s, div, (score_fn, sde, state), x, t, V, *leaves)
 
 
 def residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, V: torch.Tensor, *,
              differentiable: bool = True) -> torch.Tensor:
-    """The div-form residual r for probes V [K, *x.shape]. With `differentiable` (the
-    caller's grad mode) r carries a gradient to the parameters, x, t and V."""
-    state = _forward_state(x.device)
-    r, leaves, _ = _value(score_fn, x, t.detach(), sde, V.detach())
-    r = r.detach()
-    if not differentiable or not (leaves or x.requires_grad or t.requires_grad
-                                  or V.requires_grad):
-        return r
-    return _DivResidual.apply(r, (score_fn, sde, state), x, t, V, *leaves)
+    """The div-form residual r (terms(...)[0])."""
+    return terms(score_fn, x, t, sde, V, differentiable=differentiable)[0]

@@ -22,8 +22,8 @@ import torch
 
 from fpkern._checks import check_choice
 from fpkern.jet import JetUnsupported
-from fpkern.ops import exact, forward_mode, fused, naive
-from fpkern.ops._common import bcast, check_inputs, sde_coefficients
+from fpkern.ops import exact, forward_mode, fused, fused_div, naive
+from fpkern.ops._common import bcast, check_inputs, scalar_fpe_rhs, sde_coefficients
 from fpkern.ops.combine import hutchinson_reduce
 from fpkern.ops.terms import combine_terms
 from fpkern.ops.probes import resolve_probes
@@ -99,24 +99,48 @@ def fpe_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str =
 class FPETerms(NamedTuple):
     """Everything the FP regulariser needs at (x, t), from one pass (fpe_terms)."""
 
-    residual: torch.Tensor     # r_c, the laplacian-form residual, shape of x
+    residual: torch.Tensor     # r (form div) or r_c (laplacian), shape of x; u . r [B] with
+                               # directions
     divergence: torch.Tensor   # [B] Hutchinson divergence of s
-    loss: torch.Tensor         # [B] weight |r_c|^m
+    loss: torch.Tensor         # [B] weight |r|^m; weight (u . r)^2 with directions
     scalar: torch.Tensor       # [B] 1/2 g^2 (div s + |s|^2) - f <x, s>
+    score: torch.Tensor        # s(x, t), shape of x, from the same pass
 
 
-def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *,
+def _directions(directions, x, generator):
+    if isinstance(directions, torch.Tensor):
+        if directions.shape != x.shape:
+            raise ValueError(f"directions must have x's shape {tuple(x.shape)}, got "
+                             f"{tuple(directions.shape)}")
+        return directions.to(x)
+    return resolve_probes(directions, x, "rademacher", generator)[0]
+
+
+def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str = "div",
               weight: torch.Tensor | None = None, m: float = 2.0, probes=1,
               probe_dist: str = "rademacher", generator: torch.Generator | None = None,
-              score: torch.Tensor | None = None) -> FPETerms:
-    """The laplacian-form residual, divergence, weighted loss and scalar FPE term together
-    (MATH.md 2-4), exact directional derivatives along the probes (method "fused").
+              score: torch.Tensor | None = None, directions=None) -> FPETerms:
+    """The residual of `form`, the Hutchinson divergence, the weighted loss weight |r|^m, the
+    scalar FPE term and the score itself, all from one forward-mode pass of the network
+    (MATH.md 2-4; method "fused": exact directional derivatives along the probes).
 
-    One jet pass with rows x, v_1..v_K, (-c, 1) and the collapsed second order, then one
-    fused kernel (fpkern.ops.terms). `score`: score_fn(x, t) if the caller has it (the
-    DSM forward's); otherwise it costs one plain forward first. `weight` [B] multiplies
-    |r|^m (default 1). A score_fn without jet rules runs the generic torch.func path.
+    - form "laplacian": one jet pass with rows x, v_1..v_K, (-c, 1) and the collapsed second
+      order, then one fused kernel (fpkern.ops.terms). The direction c = g^2 s - f x needs
+      s first: pass `score` = score_fn(x, t) if the caller has it (the DSM forward's),
+      otherwise it costs one plain forward.
+    - form "div": the residual's jet pass (fpkern.ops.fused_div); its value and probe rows
+      give s and the divergence, so `score` is not needed (and not used). The returned s
+      carries the gradient of everything computed from it, so a training step can take its
+      DSM term from it and run no forward of its own (fpkern.losses.FPLoss.with_dsm).
+    - `directions` (form "div", m = 2): 1 to draw a Rademacher u per sample, or a tensor
+      of x's shape: the residual is then u . r [B] and the loss weight (u . r)^2, unbiased
+      for weight |r|^2, from one forward-mode pass without a reverse pass
+      (projected_residual).
+
+    `weight` [B] multiplies the per-sample loss (default 1). A score_fn without jet rules
+    runs the generic torch.func path.
     """
+    check_choice("form", form, FORMS)
     check_inputs(score_fn, x, t, sde)
     V = resolve_probes(probes, x, probe_dist, generator)
     if score is not None and score.shape != x.shape:
@@ -126,7 +150,35 @@ def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *,
     elif weight.shape != (x.shape[0],):
         raise ValueError(f"weight must have shape [B] = ({x.shape[0]},), got {tuple(weight.shape)}")
     weight = weight.to(x.dtype)
+    if directions is not None and (form != "div" or m != 2):
+        raise ValueError(f"directions (the projected estimator) need form 'div' and m 2, got "
+                         f"form {form!r}, m {m}")
+    if form == "laplacian":
+        return _laplacian_terms(score_fn, x, t, sde, V, weight, m, score)
+    U = None if directions is None else _directions(directions, x, generator)
+    f, g2 = sde_coefficients(sde, t, x)
+    grad = torch.is_grad_enabled()
 
+    def generic():
+        r = forward_mode.residual(score_fn, x, t, sde, "div", V)
+        s, jv = forward_mode.directional(score_fn, x, t, V)
+        return r if U is None else (U * r).flatten(1).sum(1), s, hutchinson_reduce(V, jv)
+
+    def jets():
+        if U is None:
+            return fused_div.terms(score_fn, x, t, sde, V, differentiable=grad)
+        s, div, u_r = fused.div_pass(score_fn, x, t, sde, V, U)
+        return u_r, s, div
+
+    with torch.enable_grad():
+        r, s, div = _with_jets(jets, generic, score_fn)
+        sq = r.pow(2) if U is not None else r.flatten(1).pow(2).sum(1)
+        loss = weight * (sq if m == 2 else sq.pow(m / 2))
+        out = FPETerms(r, div, loss, scalar_fpe_rhs(x, s, div, f, g2), s)
+    return out if grad else FPETerms(*(v.detach() for v in out))
+
+
+def _laplacian_terms(score_fn, x, t, sde, V, weight, m, score):
     def generic():
         from torch.func import jvp
         f, g2 = sde_coefficients(sde, t, x)
@@ -134,7 +186,7 @@ def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *,
         jv, d2 = forward_mode.second_directional(score_fn, x, t, V)
         c = bcast(g2, x) * (s if score is None else score) - bcast(f, x) * x
         _, jc = jvp(lambda y: score_fn(y, t), (x,), (c,))
-        return combine_terms(V, jv, dts - jc, d2.mean(0), s, x, g2, f, weight, m)
+        return (*combine_terms(V, jv, dts - jc, d2.mean(0), s, x, g2, f, weight, m), s)
 
     with torch.enable_grad():
         s = score if score is not None else score_fn(x, t)
@@ -187,12 +239,11 @@ def projected_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, direc
     """
     check_inputs(score_fn, x, t, sde)
     V = resolve_probes(probes, x, probe_dist, generator)
-    if isinstance(directions, torch.Tensor):
-        if directions.shape != x.shape:
-            raise ValueError(f"directions must have x's shape {tuple(x.shape)}, got "
-                             f"{tuple(directions.shape)}")
-        U = directions.to(x)
-    else:
-        U = resolve_probes(directions, x, "rademacher", generator)[0]
+    U = _directions(directions, x, generator)
+    grad = torch.is_grad_enabled()
     with torch.enable_grad():
-        return fused.projected_residual(score_fn, x, t, sde, U, V)
+        u_r = _with_jets(
+            lambda: fused.projected_residual(score_fn, x, t, sde, U, V),
+            lambda: (U * forward_mode.residual(score_fn, x, t, sde, "div", V)).flatten(1).sum(1),
+            score_fn)
+    return u_r if grad else u_r.detach()

@@ -400,11 +400,13 @@ def _run(*, workdir, arch, preset, sde_name, dataset, data_dir, alpha, beta, m, 
                 group["lr"] = lr_now
             use_fp = fp_loss is not None and step % fp_every == 0
             with autocast():
-                dout = dsm_loss(score_fn, x, generator=noise_gen)
+                if use_fp:      # one pass for both terms where the FP form allows it
+                    dout, fout = fp_loss.with_dsm(dsm_loss, score_fn, x, generator=noise_gen)
+                else:
+                    dout = dsm_loss(score_fn, x, generator=noise_gen)
                 loss = dout.loss.float().mean()
                 terms = {"dsm": loss.detach()}
                 if use_fp:
-                    fout = fp_loss(score_fn, x, dsm=dout, generator=noise_gen)
                     loss = loss + fout.loss.float()
                     terms.update(fp_vec=fout.vec.detach().float().mean(),
                                  fp_scalar=fout.scalar.detach().float())

@@ -5,7 +5,9 @@ import torch
 
 from fpkern.data.mixture import GaussianMixture
 from fpkern.models import MLP, ScoreFn, from_preset
-from fpkern.ops import forward_mode, fpe_residual, fpe_terms, projected_residual, scalar_fpe_rhs
+from fpkern.jet import JetUnsupported
+from fpkern.ops import (forward_mode, fpe_residual, fpe_terms, fused, projected_residual,
+                         scalar_fpe_rhs)
 from fpkern.sde import SubVPSDE, VESDE, VPSDE
 from tests.ops import reference
 
@@ -161,71 +163,104 @@ def test_a_known_score_gives_the_same_laplacian_residual_in_one_pass(kind, gen):
 
 @pytest.mark.parametrize("kind", ["mixture", "mlp", "ncsnpp"])
 @pytest.mark.parametrize("name", SDES)
-def test_fpe_terms_in_float32_match_float64_definitions(kind, name, gen):
-    """One jet pass with the transport row (-c, 1) and one fused kernel: r, div, loss and h
-    against float64 forward-mode references with the same probes."""
+@pytest.mark.parametrize("variant", ["laplacian", "div", "div-projected"])
+def test_fpe_terms_in_float32_match_float64_definitions(kind, name, variant, gen):
+    """Every term from one pass (laplacian: the transport row (-c, 1) and one fused
+    kernel; div: the residual's jet pass; projected: u . r in forward mode): r, div, loss,
+    h and s against float64 forward-mode references with the same probes."""
     sde = SDES[name]
     score64, shape = _model(kind, sde)
     B = len(TIMES)
+    form = variant.split("-")[0]
     x = torch.randn((B,) + shape, generator=gen, dtype=F64)
     t = torch.tensor(TIMES, dtype=F64)
     V = torch.randn((2, B) + shape, generator=gen, dtype=F64)
+    U = torch.randn((B,) + shape, generator=gen, dtype=F64).sign()
     weight = torch.rand(B, generator=gen, dtype=F64) + 0.5
-    r64 = forward_mode.residual(score64, x, t, sde, "laplacian", V).detach()
+    r64 = forward_mode.residual(score64, x, t, sde, form, V).detach()
     s64, jv64 = forward_mode.directional(score64, x, t, V)
     div64 = (V * jv64).flatten(2).sum(2).mean(0)
     f, g2 = sde.f(t), sde.g2(t)
     h64 = scalar_fpe_rhs(x, s64, div64, f, g2).detach()
     score32 = _as32(score64)
     x32 = x.float()
-    got = fpe_terms(score32, x32, t.float(), sde, weight=weight.float(), m=2, probes=V.float(),
-                    score=score32(x32, t.float()))
+    projected = variant == "div-projected"
+    score = score32(x32, t.float()) if form == "laplacian" else None
+    got = fpe_terms(score32, x32, t.float(), sde, form=form, weight=weight.float(), m=2,
+                    probes=V.float(), score=score, directions=U.float() if projected else None)
     assert got.residual.dtype == torch.float32
 
     def rel(a, b):
         return ((a.double() - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).max()
 
-    assert rel(got.residual, r64) < 1e-4
-    assert rel(got.loss[:, None], (weight * r64.flatten(1).pow(2).sum(1))[:, None]) < 2e-4
+    if projected:
+        u_r = (U * r64).flatten(1).sum(1)
+        scale = (U.abs() * r64.abs()).flatten(1).sum(1)      # u . r may cancel to ~0
+        assert ((got.residual.double() - u_r).abs() / scale).max() < 1e-4
+        assert ((got.loss.double() - weight * u_r ** 2).abs() / (weight * scale ** 2)).max() < 2e-4
+    else:
+        assert rel(got.residual, r64) < 1e-4
+        assert rel(got.loss[:, None], (weight * r64.flatten(1).pow(2).sum(1))[:, None]) < 2e-4
     scale = (g2 * (div64.abs() + s64.flatten(1).pow(2).sum(1))
              + (f[:, None] * (x * s64).flatten(1)).abs().sum(1))
     assert ((got.divergence.double() - div64).abs() / (div64.abs() + 1e-3 * scale)).max() < 1e-3
     assert ((got.scalar.double() - h64).abs() / scale).max() < 1e-4
+    assert rel(got.score, s64.detach()) < 1e-5
 
 
-def test_fpe_terms_parameter_gradients_match_the_exact_method(gen):
+@pytest.mark.parametrize("variant", ["laplacian", "div", "div-projected"])
+def test_fpe_terms_parameter_gradients_match_the_exact_method(variant, gen):
+    """The gradient of loss, scalar term and score together against the float64 reference
+    residual (nested autograd) with s and div computed on their own."""
     sde = SDES["vp"]
     net = ScoreFn(MLP(2, width=32, depth=2), sde).double()
+    form, projected = variant.split("-")[0], variant.endswith("projected")
     x = torch.randn(4, 2, generator=gen, dtype=F64)
     t = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=F64)
     V = torch.randn(2, 4, 2, generator=gen, dtype=F64)
+    U = torch.randn(4, 2, generator=gen, dtype=F64)
+    z = torch.randn(4, 2, generator=gen, dtype=F64)
     w = torch.rand(4, generator=gen, dtype=F64)
     params = [p for p in net.parameters() if p.requires_grad]
-    for m in (2.0, 1.5):
-        terms = fpe_terms(net, x, t, sde, weight=w, m=m, probes=V, score=net(x, t))
-        got = torch.autograd.grad(terms.loss.sum() + terms.scalar.pow(2).sum(), params)
-        r = reference.residual(net, x, t, sde, "laplacian", probes=V)
+    for m in ((2.0,) if projected else (2.0, 1.5)):
+        terms = fpe_terms(net, x, t, sde, form=form, weight=w, m=m, probes=V,
+                          score=net(x, t) if form == "laplacian" else None,
+                          directions=U if projected else None)
+        got = torch.autograd.grad(terms.loss.sum() + terms.scalar.pow(2).sum()
+                                  + (terms.score * z).sum(), params)
+        r = reference.residual(net, x, t, sde, form, probes=V)
         s, jv = forward_mode.directional(net, x, t, V)
         div = (V * jv).flatten(2).sum(2).mean(0)
         h = scalar_fpe_rhs(x, s, div, sde.f(t), sde.g2(t))
-        want = torch.autograd.grad((w * r.flatten(1).pow(2).sum(1).pow(m / 2)).sum()
-                                   + h.pow(2).sum(), params)
+        sq = (U * r).sum(1) ** 2 if projected else r.flatten(1).pow(2).sum(1).pow(m / 2)
+        want = torch.autograd.grad((w * sq).sum() + h.pow(2).sum() + (s * z).sum(), params)
         for a, b in zip(got, want):
             assert torch.allclose(a, b, rtol=1e-8, atol=1e-10 * b.abs().max().item())
 
 
-def test_fpe_terms_without_a_score_or_jet_rules(gen, caplog):
+@pytest.mark.parametrize("variant", ["laplacian", "div", "div-projected"])
+def test_fpe_terms_without_a_score_or_jet_rules(variant, gen):
+    """Jets against the generic torch.func path (a score_fn using an op without a jet
+    rule); the laplacian form with and without the caller's score."""
     sde = SDES["ve"]
     score_fn, shape = _model("mixture", sde)
+    form = variant.split("-")[0]
     x = torch.randn((3,) + shape, generator=gen, dtype=F64)
     t = torch.tensor([0.01, 0.3, 1.0], dtype=F64)
     V = torch.randn((2, 3) + shape, generator=gen, dtype=F64)
-    a = fpe_terms(score_fn, x, t, sde, probes=V, score=score_fn(x, t))
-    b = fpe_terms(score_fn, x, t, sde, probes=V)
-    plain = lambda y, tt: score_fn(y, tt) * torch.ones_like(y).clamp(max=2)  # noqa: E731
-    with caplog.at_level("WARNING"):
-        c = fpe_terms(plain, x, t, sde, probes=V)
+    kw = dict(form=form, probes=V,
+              directions=torch.ones_like(x) if variant.endswith("projected") else None)
+    a = fpe_terms(score_fn, x, t, sde, **kw)
+    b = fpe_terms(score_fn, x, t, sde, score=score_fn(x, t), **kw) if form == "laplacian" else a
+    plain = lambda y, tt: score_fn(y, tt) + 0.0 * torch.atan(y)  # noqa: E731  (no jet rule)
+    with pytest.raises(JetUnsupported):
+        fused.jet_pass(plain, x, t, V[:1], time=False, layout=fused.Layout(n1=1))
+    c = fpe_terms(plain, x, t, sde, **kw)
     for u, v, w in zip(a, b, c):
         assert torch.allclose(u, v, rtol=1e-12) and torch.allclose(u, w, rtol=1e-10)
     with pytest.raises(ValueError, match="weight must have shape"):
-        fpe_terms(score_fn, x, t, sde, probes=V, weight=t[:2])
+        fpe_terms(score_fn, x, t, sde, probes=V, weight=t[:2], form=form)
+    with pytest.raises(ValueError, match="directions"):
+        fpe_terms(score_fn, x, t, sde, form="laplacian", directions=1)
+    with pytest.raises(ValueError, match="directions must have x's shape"):
+        fpe_terms(score_fn, x, t, sde, form="div", directions=x[:2])

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fpkern.models import MLP, ScoreFn, from_preset
-from fpkern.ops import forward_mode, fpe_residual
+from fpkern.ops import forward_mode, fpe_residual, fused_div
 from fpkern.sde import VESDE, VPSDE
 from tests.ops import reference
 
@@ -240,3 +240,85 @@ def test_triton_kernels_give_the_same_value_and_gradients(gen, monkeypatch):
     assert sorted(set(layouts)) == [0, 1], "forward (no pairs) and backward (a pair) kernels"
     assert torch.allclose(r_triton, r_torch, rtol=1e-4, atol=1e-4 * r_torch.abs().max().item())
     _assert_grads(g_triton, g_torch, 1e-4, "triton")
+
+
+def _joint(score_fn, x, t, sde, V, z):
+    """A training-step-like objective of all three outputs of fused_div.terms: the residual,
+    the score (a DSM-like term) and the divergence (the scalar FPE term's)."""
+    r, s, div = fused_div.terms(score_fn, x, t, sde, V)
+    return r.pow(2).sum() + (s + z).pow(2).sum() + (div * (1 + t)).pow(2).sum()
+
+
+def _joint_reference(score_fn, x, t, sde, V, z):
+    r = reference.residual(score_fn, x, t, sde, "div", probes=V)
+    s, jv = forward_mode.directional(score_fn, x, t, V)
+    div = (V * jv).flatten(2).sum(2).mean(0)
+    return r.pow(2).sum() + (s + z).pow(2).sum() + (div * (1 + t)).pow(2).sum()
+
+
+def test_score_and_divergence_share_the_residuals_pass_and_gradient(gen):
+    """fused_div.terms returns s and div_V s beside r; the cotangents of all three go
+    through the one recomputed pass. Values and parameter gradients against references
+    that compute each output on its own; x and t against central differences."""
+    net, sde, x, t, V = _mlp_case(gen)
+    z = torch.randn(x.shape, generator=gen, dtype=F64)
+    params = [p for p in net.parameters() if p.requires_grad]
+    r, s, div = fused_div.terms(net, x, t, sde, V)
+    assert torch.allclose(s, net(x, t), rtol=1e-12)
+    _, jv = forward_mode.directional(net, x, t, V)
+    assert torch.allclose(div, (V * jv).flatten(2).sum(2).mean(0), rtol=1e-10)
+    got = torch.autograd.grad(_joint(net, x, t, sde, V, z), params)
+    want = torch.autograd.grad(_joint_reference(net, x, t, sde, V, z), params)
+    _assert_grads(got, want, 1e-9, "r, s, div")
+    for only in ("s", "div"):        # a cotangent for one output alone
+        r, s, div = fused_div.terms(net, x, t, sde, V)
+        out = s.pow(2).sum() if only == "s" else div.pow(2).sum()
+        ref = net(x, t).pow(2).sum() if only == "s" else \
+            (V * forward_mode.directional(net, x, t, V)[1]).flatten(2).sum(2).mean(0).pow(2).sum()
+        _assert_grads(torch.autograd.grad(out, params), torch.autograd.grad(ref, params), 1e-9,
+                      only)
+
+    xg, tg = x.clone().requires_grad_(), t.clone().requires_grad_()
+    gx, gt = torch.autograd.grad(_joint(net, xg, tg, sde, V, z), [xg, tg])
+    dx = torch.randn(x.shape, generator=gen, dtype=F64)
+    dt = torch.tensor([0.3, -0.2, 0.5, 0.0], dtype=F64)
+    eps = 1e-6
+    with torch.no_grad():
+        fdx = (_joint(net, x + eps * dx, t, sde, V, z) - _joint(net, x - eps * dx, t, sde, V, z))
+        fdt = (_joint(net, x, t + eps * dt, sde, V, z) - _joint(net, x, t - eps * dt, sde, V, z))
+    assert torch.isclose((gx * dx).sum(), fdx / (2 * eps), rtol=1e-6)
+    assert torch.isclose((gt * dt).sum(), fdt / (2 * eps), rtol=1e-6)
+
+
+def test_score_and_divergence_gradients_on_a_conv_net_and_under_create_graph(gen):
+    """The same on the small DDPM++ (fused GroupNorm and activation kernels), and a
+    Hessian-vector product through all three outputs (the create_graph path)."""
+    sde = VPSDE()
+    net = ScoreFn(from_preset("small/ddpmpp"), sde).double().eval()
+    shape = tuple(net.input_shape)
+    x = torch.randn((2,) + shape, generator=gen, dtype=F64)
+    t = torch.tensor([0.01, 0.6], dtype=F64)
+    V = torch.randn((1, 2) + shape, generator=gen, dtype=F64)
+    z = torch.randn(x.shape, generator=gen, dtype=F64)
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def reference_joint():
+        r = forward_mode.residual(net, x, t, sde, "div", V)
+        s, jv = forward_mode.directional(net, x, t, V)
+        div = (V * jv).flatten(2).sum(2).mean(0)
+        return r.pow(2).sum() + (s + z).pow(2).sum() + (div * (1 + t)).pow(2).sum()
+
+    got = torch.autograd.grad(_joint(net, x, t, sde, V, z), params)
+    _assert_grads(got, torch.autograd.grad(reference_joint(), params), 1e-9, "ddpm++")
+
+    net, sde, x, t, V = _mlp_case(gen, B=3)
+    z = torch.randn(x.shape, generator=gen, dtype=F64)
+    params = [p for p in net.parameters() if p.requires_grad]
+    dirs = [torch.randn(p.shape, generator=gen, dtype=F64) for p in params]
+
+    def hvp(loss):
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        return torch.autograd.grad(sum((a * d).sum() for a, d in zip(g, dirs)), params)
+
+    _assert_grads(hvp(_joint(net, x, t, sde, V, z)),
+                  hvp(_joint_reference(net, x, t, sde, V, z)), 1e-8, "hvp")
