@@ -25,7 +25,8 @@ def _jet_rows(fn, x, V, layout):
     return fn(Jet(_input_rows(x, V, layout), layout)).rows
 
 
-LAYOUTS = [Layout(n1=2, collapse=(1, 2)), Layout(n1=3, pairs=((1, 3), (2, 3)), collapse=(1, 2))]
+LAYOUTS = [Layout(n1=2, collapse=(1, 2)), Layout(n1=3, pairs=((1, 3), (2, 3)), collapse=(1, 2)),
+           Layout(n1=3, pairs=((1, 2),)), Layout(n1=2)]
 
 W = torch.randn(5, 4, dtype=F64)
 CONV = torch.randn(3, 2, 3, 3, dtype=F64)
@@ -49,7 +50,9 @@ COMPOSITE = {
     "linear": lambda x: F.linear(torch.tanh(x), W, torch.ones(5, dtype=F64)),
     "matmul": lambda x: (x @ W.T) @ W,
     "matmul2": lambda x: torch.matmul(x[:, :, None], torch.sin(x)[:, None, :]).flatten(1),
-    "einsum2": lambda x: torch.einsum("bi,bj->bij", x, torch.cos(x)).flatten(1),
+    "einsum2": lambda x: torch.einsum("bi,bj->bij", x, torch.cos(x)).flatten(1),   # batched
+    "einsum2_contract": lambda x: torch.einsum("bi,bi->b", torch.sin(x), x * x)[:, None],
+    "einsum2_ellipsis": lambda x: torch.einsum("...i,...j->...ij", x, torch.cos(x)).flatten(1),
     "softmax": lambda x: F.softmax(x * 2, dim=-1),
     "var_mean": lambda x: torch.stack(torch.var_mean(x, dim=-1, unbiased=True), -1),
     "cat_const": lambda x: torch.cat([x, torch.ones_like(x)[:, :1] * 3, torch.sin(x)], dim=1),
@@ -72,7 +75,7 @@ COMPOSITE = {
 }
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["collapsed", "mixed"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["collapsed", "mixed", "pairs", "first"])
 @pytest.mark.parametrize("name", sorted(UNARY) + sorted(COMPOSITE))
 def test_rule_matches_nested_jvp(name, layout, gen):
     fn = UNARY.get(name) or COMPOSITE[name]
