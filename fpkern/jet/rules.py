@@ -549,23 +549,29 @@ def _bilinear(op, p, q, layout: Layout) -> torch.Tensor:
 
 
 def _bilinear_rows(eqs, P: torch.Tensor, Q: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """The Leibniz rule of _bilinear for an einsum, in three einsums over row stacks instead
+    """The Leibniz rule of _bilinear for an einsum, in a few einsums over row stacks instead
     of one per term: eqs = the einsum with a row axis on q only, on p only, on both
-    (_einsum_with_rows)."""
+    (_einsum_with_rows). Operands are views of the rows wherever the layout allows (pairs
+    sharing one row, contiguous collapsed rows): the einsums save them for the backward."""
     on_q, on_p, on_both = eqs
     p0_q = torch.einsum(on_q, P[0], Q)                  # op(P0, Q_r), every row r
     p_q0 = torch.einsum(on_p, P[1:], Q[0])              # op(P_r, Q0), r >= 1
     rows = torch.cat([p0_q[:1], p0_q[1:] + p_q0])
     if not (layout.pairs or layout.collapse):
         return rows
-    a = [i for i, _ in layout.pairs]
-    b = [j for _, j in layout.pairs]
-    k = list(layout.collapse)
-    cross = torch.einsum(on_both, P[a + b + k], Q[b + a + k])
-    n = len(a)
-    parts = [cross[:n] + cross[n:2 * n]] if n else []
-    if k:
-        parts.append(2 * cross[2 * n:].mean(0, keepdim=True))
+    parts = []
+    if layout.pairs:                                    # op(P_a, Q_b) + op(P_b, Q_a)
+        a = [i for i, _ in layout.pairs]
+        b = [j for _, j in layout.pairs]
+        if len(set(b)) == 1 and a == list(range(a[0], a[0] + len(a))):
+            sa, u = slice(a[0], a[0] + len(a)), b[0]    # pairs (a.., u): the projected rows
+            parts.append(torch.einsum(on_p, P[sa], Q[u]) + torch.einsum(on_q, P[u], Q[sa]))
+        else:
+            cross = torch.einsum(on_both, P[a + b], Q[b + a])
+            parts.append(cross[:len(a)] + cross[len(a):])
+    if layout.collapse:                                 # 2 mean_k op(P_k, Q_k)
+        k = layout.collapse_index
+        parts.append(2 * torch.einsum(on_both, P[k], Q[k]).mean(0, keepdim=True))
     second = rows[layout.second] + (parts[0] if len(parts) == 1 else torch.cat(parts))
     return torch.cat([rows[:layout.second.start], second])
 

@@ -26,7 +26,7 @@ def _jet_rows(fn, x, V, layout):
 
 
 LAYOUTS = [Layout(n1=2, collapse=(1, 2)), Layout(n1=3, pairs=((1, 3), (2, 3)), collapse=(1, 2)),
-           Layout(n1=3, pairs=((1, 2),)), Layout(n1=2)]
+           Layout(n1=3, pairs=((1, 2), (1, 3))), Layout(n1=2)]
 
 W = torch.randn(5, 4, dtype=F64)
 CONV = torch.randn(3, 2, 3, 3, dtype=F64)
