@@ -37,6 +37,16 @@ def _mlp_case(gen, D=3, B=4, K=2):
     return net, sde, x, t, V
 
 
+def _ddpmpp_case(gen):
+    sde = VPSDE()
+    net = ScoreFn(from_preset("small/ddpmpp"), sde).double().eval()
+    shape = tuple(net.input_shape)
+    x = torch.randn((2,) + shape, generator=gen, dtype=F64)
+    t = torch.tensor([0.01, 0.6], dtype=F64)
+    V = torch.randn((1, 2) + shape, generator=gen, dtype=F64)
+    return net, sde, x, t, V
+
+
 def test_parameter_gradients_match_the_reference(gen):
     net, sde, x, t, V = _mlp_case(gen)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -84,12 +94,7 @@ def test_closure_tensors_requiring_grad_get_their_gradient(gen):
 
 
 def test_ncsnpp_parameter_gradients_match_the_generic_path(gen):
-    sde = VPSDE()
-    net = ScoreFn(from_preset("small/ddpmpp"), sde).double().eval()
-    shape = tuple(net.input_shape)
-    x = torch.randn((2,) + shape, generator=gen, dtype=F64)
-    t = torch.tensor([0.01, 0.6], dtype=F64)
-    V = torch.randn((1, 2) + shape, generator=gen, dtype=F64)
+    net, sde, x, t, V = _ddpmpp_case(gen)
     params = [p for p in net.parameters() if p.requires_grad]
     got = torch.autograd.grad(_fused(net, x, t, sde, V).pow(2).sum(), params)
     want = torch.autograd.grad(forward_mode.residual(net, x, t, sde, "div", V).pow(2).sum(),
@@ -293,12 +298,7 @@ def test_score_and_divergence_share_the_residuals_pass_and_gradient(gen):
 def test_score_and_divergence_gradients_on_a_conv_net_and_under_create_graph(gen):
     """The same on the small DDPM++ (fused GroupNorm and activation kernels), and a
     Hessian-vector product through all three outputs (the create_graph path)."""
-    sde = VPSDE()
-    net = ScoreFn(from_preset("small/ddpmpp"), sde).double().eval()
-    shape = tuple(net.input_shape)
-    x = torch.randn((2,) + shape, generator=gen, dtype=F64)
-    t = torch.tensor([0.01, 0.6], dtype=F64)
-    V = torch.randn((1, 2) + shape, generator=gen, dtype=F64)
+    net, sde, x, t, V = _ddpmpp_case(gen)
     z = torch.randn(x.shape, generator=gen, dtype=F64)
     params = [p for p in net.parameters() if p.requires_grad]
 
