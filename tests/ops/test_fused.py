@@ -78,6 +78,12 @@ def test_projected_residual_is_u_dot_r(kind, gen):
     r = fpe_residual(score_fn, x, t, sde, form="div", method="fused", probes=V)
     want = (U * r).flatten(1).sum(1)
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-12 * want.abs().max().item())
+    if kind == "mixture":       # a score_fn without jet rules: the generic torch.func path
+        plain = lambda y, tt: score_fn(y, tt) + 0.0 * torch.atan(y)  # noqa: E731
+        generic = projected_residual(plain, x, t, sde, directions=U, probes=V)
+        assert torch.allclose(generic, want, rtol=1e-9, atol=1e-12 * want.abs().max().item())
+    with torch.no_grad():
+        assert projected_residual(score_fn, x, t, sde, directions=U, probes=V).grad_fn is None
 
 
 def test_projected_square_is_unbiased_for_the_squared_residual(gen):
