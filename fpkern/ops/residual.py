@@ -1,7 +1,10 @@
-"""The public residual ops: fpe_residual, hutchinson_divergence and laplacian.
+"""The public residual ops: fpe_residual, fpe_terms, projected_residual,
+hutchinson_divergence and laplacian.
 
     fpe_residual(score_fn, x, t, sde, *, form="div", method="exact", probes=1,
                  probe_dist="rademacher", generator=None)            -> shape of x
+    fpe_terms(score_fn, x, t, sde, *, form="div", weight=None, ...)  -> FPETerms (one pass)
+    projected_residual(score_fn, x, t, sde, *, directions=1, ...)    -> [B], u . r
     hutchinson_divergence(score_fn, x, t, *, probes=1, ...)          -> [B]
     laplacian(score_fn, x, t, *, probes=1, ...)                      -> shape of x
 
