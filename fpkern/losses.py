@@ -16,7 +16,8 @@ and shares the passes: the FP terms are evaluated at the DSM term's t and x_t
 (fp_points='pert'), and with method 'fused' every FP term (the residual, the divergence of
 the scalar term, the score) comes from one pass of the network (fpkern.ops.fpe_terms).
 - form 'div' (the default): the DSM term takes its score s from that pass as well, so a
-  training step runs no plain forward at all.
+  training step runs a plain forward only on the samples the FP terms leave out (`batch`),
+  none with the FP terms on the whole batch.
 - form 'laplacian': the DSM forward's s fixes the pass's transport direction, so the DSM
   forward runs first and the pass follows.
 With methods 'exact' and 'naive' the residual recomputes s inside its own derivative
@@ -228,23 +229,27 @@ class FPLoss:
         """Both terms of a training step: the values of d = dsm(score_fn, x) and
         self(score_fn, x, dsm=d), drawing the same random numbers from `generator`.
 
-        When the FP pass evaluates the score at all of the DSM's points (fp_points 'pert'
-        with no smaller `batch`, form 'div', method 'fused', alpha > 0), the DSM term takes
-        s from that pass (fpkern.ops.fpe_terms): no forward of its own, and one backward
-        serves both terms. Otherwise it runs the DSM forward first (the laplacian form needs
-        s for its transport direction).
+        When the FP pass evaluates the score at the DSM's points (shares_dsm_forward():
+        fp_points 'pert', form 'div', method 'fused', alpha > 0), the DSM term takes s from
+        that pass (fpkern.ops.fpe_terms) for the samples the FP terms use (`batch`), and
+        runs a plain forward on the others only; one backward serves both terms. Otherwise
+        it runs the DSM forward first (the laplacian form needs s for its transport
+        direction).
         """
-        if not self.shares_dsm_forward(x.shape[0]):
+        if not self.shares_dsm_forward():
             d = dsm(score_fn, x, generator=generator)
             return d, self(score_fn, x, dsm=d, generator=generator)
         t, xt, z, std = dsm.perturb(x, generator=generator)
-        terms = self._terms(score_fn, xt, t, None, generator)
-        return dsm.from_score(terms.score, t, xt, z, std), self._output(terms)
+        n = x.shape[0] if self.batch is None else min(self.batch, x.shape[0])
+        terms = self._terms(score_fn, xt[:n], t[:n], None, generator)
+        s = terms.score if n == x.shape[0] else torch.cat([terms.score, score_fn(xt[n:], t[n:])])
+        return dsm.from_score(s, t, xt, z, std), self._output(terms)
 
-    def shares_dsm_forward(self, batch: int) -> bool:
-        """Whether with_dsm on a batch of this size takes the DSM score from the FP pass."""
+    def shares_dsm_forward(self) -> bool:
+        """Whether with_dsm takes the DSM term's score from the FP pass (on the samples the
+        FP terms use)."""
         return (self.fp_points == "pert" and self.form == "div" and self.method == "fused"
-                and self.alpha > 0 and (self.batch is None or self.batch >= batch))
+                and self.alpha > 0)
 
     def _terms(self, score_fn, y, t, s, generator) -> FPETerms:
         """Every FP term from one pass (method 'fused'; fpkern.ops.fpe_terms)."""

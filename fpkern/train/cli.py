@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="L_vec from the residual vector, or the forward-only unbiased (u . r)^2 "
                         "(div form, m 2, fused)")
     g.add_argument("--fp-batch", type=_opt_int, default=None,
-                   help="samples per rank the FP terms use, 0 = all (then, in the div form "
-                        f"with method fused, the DSM term takes its score from the FP pass) {_DEF}")
+                   help="samples per rank the FP terms use, 0 = all (in the div form with "
+                        "method fused the DSM term takes these samples' score from the FP pass) "
+                        f"{_DEF}")
     g.add_argument("--fp-every", type=_opt_int, default=None,
                    help=f"add the FP terms every this many steps {_DEF}")
     g.add_argument("--dsm-weighting", choices=DSM_WEIGHTINGS, default="ll",
