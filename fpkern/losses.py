@@ -227,7 +227,9 @@ class FPLoss:
     def with_dsm(self, dsm: DSMLoss, score_fn: ScoreFn, x: torch.Tensor, *,
                  generator: torch.Generator | None = None) -> tuple[DSMOutput, FPOutput]:
         """Both terms of a training step: the values of d = dsm(score_fn, x) and
-        self(score_fn, x, dsm=d), drawing the same random numbers from `generator`.
+        self(score_fn, x, dsm=d), drawing the same random numbers from `generator` (for a
+        score_fn that treats samples independently, as every fpkern.models network does:
+        no batch statistics).
 
         When the FP pass evaluates the score at the DSM's points (shares_dsm_forward():
         fp_points 'pert', form 'div', method 'fused', alpha > 0), the DSM term takes s from
