@@ -21,10 +21,14 @@ __all__ = ["EagerOp", "pick", "tracing"]
 
 
 def tracing(first) -> bool:
-    """Whether a tracer runs: torch.compile, or AOT/make_fx tracing (whose tensors are
-    subclasses such as FakeTensor). torch.func transforms take neither path (the fused ops
-    have no functorch rules; the generic torch.func path runs on plain tensors instead)."""
-    return torch.compiler.is_compiling() or type(first) is not torch.Tensor
+    """Whether a tracer runs: torch.compile, AOT/make_fx tracing (whose tensors are
+    subclasses such as FakeTensor, or, for make_fx on real tensors, plain tensors under a
+    dispatch mode), or torch.jit.trace. The eager paths call C++ kernels on the tensors'
+    memory, which a tracer cannot see; the registered ops it records instead. torch.func
+    transforms take neither path (the fused ops have no functorch rules; the generic
+    torch.func path runs on plain tensors instead)."""
+    return (torch.compiler.is_compiling() or type(first) is not torch.Tensor
+            or torch._C._len_torch_dispatch_stack() > 0 or torch.jit.is_tracing())
 
 
 def pick(op: Callable, impl: Callable, *args):
