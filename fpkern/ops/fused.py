@@ -16,10 +16,11 @@ every linear layer running once over all rows (MATH.md sections 2-3, no time ste
 - form "div": r = d_t s - grad_x[1/2 g^2 (div_V s + |s|^2) - f <x, s>]: the jet pass gives
   div_V s, then one reverse pass over the jet graph gives the gradient; r's own gradient
   comes from the projected pass below with u = the upstream gradient (fpkern.ops.fused_div).
-- projected_residual: u . r for a direction u per sample, forward mode only. Every term is a
-  directional derivative: u . J^T c = c . J u and u . grad(div_V s) = 1/K sum_k
-  v_k . d^2 s[v_k, u] (mixed second-order rows). E_u (u . r)^2 = |r|^2 for Rademacher or
-  Gaussian u, so w (u . r)^2 is an unbiased estimate of the paper's loss w |r|^2.
+- div_pass with directions U (fpkern.ops.projected_residual): u . r for a direction u per
+  sample, forward mode only. Every term is a directional derivative: u . J^T c = c . J u
+  and u . grad(div_V s) = 1/K sum_k v_k . d^2 s[v_k, u] (mixed second-order rows).
+  E_u (u . r)^2 = |r|^2 for Rademacher or Gaussian u, so w (u . r)^2 is an unbiased
+  estimate of the paper's loss w |r|^2.
 
 A score_fn that uses a torch function without a jet rule raises JetUnsupported; callers
 then use the generic torch.func path (fpkern.ops.forward_mode).
@@ -35,7 +36,7 @@ from fpkern.ops._common import bcast, sde_coefficients
 from fpkern.ops.combine import fpe_combine, hutchinson_reduce
 from fpkern.ops.terms import combine_terms
 
-__all__ = ["Layout", "jet_pass", "residual", "terms", "div_pass", "projected_residual"]
+__all__ = ["Layout", "jet_pass", "residual", "terms", "div_pass"]
 
 
 def jet_pass(score_fn, x: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor, *,
@@ -133,7 +134,3 @@ def div_pass(score_fn, x, t, sde, V: torch.Tensor, U: torch.Tensor | None = None
     u_r = dot(U, dts) - 0.5 * g2 * u_grad_div - dot(c, ju) + f * dot(U, s)
     return s, hutchinson_reduce(V, jv), u_r
 
-
-def projected_residual(score_fn, x, t, sde, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """u . r per sample [B] for the div form, forward mode only (see the module docstring)."""
-    return div_pass(score_fn, x, t, sde, V, U)[2]

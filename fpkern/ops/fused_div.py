@@ -12,7 +12,7 @@ no forward of its own.
 
 The gradient does not differentiate that reverse pass again. For an upstream gradient rho
 (the cotangent of r), rho . r is the projected residual u . r with u = rho, which forward
-mode computes exactly (fpkern.ops.fused.projected_residual: u . J^T c = c . J u, and
+mode computes exactly (fpkern.ops.fused.div_pass: u . J^T c = c . J u, and
 u . grad div_V s from the mixed rows D^2 s[v_k, u]). The backward therefore recomputes
 u . r with u = rho in one jet pass and runs one ordinary reverse pass over it, so
 dL/dtheta = d(rho . r)/dtheta needs no double backward: the fused kernels' hand-written

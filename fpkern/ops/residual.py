@@ -240,13 +240,7 @@ def projected_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, direc
     only: E_u (u . r)^2 = |r|^2, so (u . r)^2 is an unbiased estimate of the div-form loss
     that needs no reverse pass through the network's derivatives.
     """
-    check_inputs(score_fn, x, t, sde)
-    V = resolve_probes(probes, x, probe_dist, generator)
-    U = _directions(directions, x, generator)
-    grad = torch.is_grad_enabled()
-    with torch.enable_grad():
-        u_r = _with_jets(
-            lambda: fused.projected_residual(score_fn, x, t, sde, U, V),
-            lambda: (U * forward_mode.residual(score_fn, x, t, sde, "div", V)).flatten(1).sum(1),
-            score_fn)
-    return u_r if grad else u_r.detach()
+    if directions is None:
+        raise ValueError("directions must be a tensor of x's shape or 1, got None")
+    return fpe_terms(score_fn, x, t, sde, form="div", probes=probes, probe_dist=probe_dist,
+                     generator=generator, directions=directions).residual
