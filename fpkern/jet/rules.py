@@ -756,7 +756,7 @@ def _softmax(func, args, kwargs):
 def _mlp_forward(func, args, kwargs):
     """fpkern.models.mlp.mlp_forward on Jets: the whole MLP as one fused op
     (fpkern.ops.mlp_jet) where the Triton backend runs (CUDA tensors, or forced), the
-    activation is SiLU and the kernel takes the rows (float32, width <= 256, no pair rows);
+    activation is SiLU and the kernel takes the rows (float32, width <= 256, <= 8 rows);
     anywhere else the composite network on the per-op rules above."""
     from fpkern import backend
     from fpkern.models.mlp import mlp_composite

@@ -1,7 +1,9 @@
 """Triton kernels: the MLP score network (fpkern.models.mlp) on jets, the whole network per launch.
 
-Rows (fpkern.jet.tensor): 0 the value, 1 .. N1 first order, then (NC > 0) one collapsed row
-averaging d^2 over rows C0 .. C0 + NC - 1. Mixed pair rows are not supported here.
+Rows (fpkern.jet.tensor): 0 the value, 1 .. N1 first order, then NP mixed pair rows
+d^2/(de_a de_b) (pair q: a = PA_q, b = PB_q, two compile-time ints of 3-bit indices, see
+pack_rows; the projected div-form pass has these), then (NC > 0) one collapsed row averaging
+d^2 over rows C0 .. C0 + NC - 1.
 
 Each program owns BB samples and keeps all R rows of them together: a [RP * BB, n] tile
 (m = row * BB + sample, RP = R rounded up to a power of two) is the M side of every GEMM, so
@@ -14,7 +16,7 @@ Intermediates live in global scratch [R, Bp, C] (C padded to a power of two >= 1
 multiple of BB; each program touches only its own samples, so it stays in L1/L2). The
 forward saves the Fourier features F, the time-embedding pre-activation Pt and activation T
 and every pre-activation H_l; the backward recomputes activations from H_l and walks the jet
-rules in reverse (silu''' needed for the collapsed row). Weight gradients: each program
+rules in reverse (silu''' needed for the second-order rows). Weight gradients: each program
 forms its [BN, BK] partial dW tile with one tl.dot over its RP * BB rows and atomically adds
 it to a float32 buffer (so results vary in the last bits from run to run).
 
@@ -61,8 +63,9 @@ def _tile(row0, Bp, r, b0, c0, C: tl.constexpr, BB: tl.constexpr, BC: tl.constex
 
 
 @triton.jit
-def _act_fwd(src, dst, row0, b0, Bp, C: tl.constexpr, N1: tl.constexpr, C0: tl.constexpr,
-             NC: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
+def _act_fwd(src, dst, row0, b0, Bp, C: tl.constexpr, N1: tl.constexpr, NP: tl.constexpr,
+             PA: tl.constexpr, PB: tl.constexpr, C0: tl.constexpr, NC: tl.constexpr,
+             BB: tl.constexpr, BC: tl.constexpr):
     """dst rows = silu applied to the jet in src rows (layer base row0 of src; dst base 0)."""
     for c0 in range(0, C, BC):
         h0 = tl.load(src + _tile(row0, Bp, 0, b0, c0, C, BB, BC))
@@ -75,51 +78,79 @@ def _act_fwd(src, dst, row0, b0, Bp, C: tl.constexpr, N1: tl.constexpr, C0: tl.c
             if r >= C0:
                 if r < C0 + NC:
                     msq += hr * hr
+        for j in tl.static_range(NP):
+            hq = tl.load(src + _tile(row0, Bp, 1 + N1 + j, b0, c0, C, BB, BC))
+            ha = tl.load(src + _tile(row0, Bp, (PA >> (3 * j)) & 7, b0, c0, C, BB, BC))
+            hb = tl.load(src + _tile(row0, Bp, (PB >> (3 * j)) & 7, b0, c0, C, BB, BC))
+            tl.store(dst + _tile(0, Bp, 1 + N1 + j, b0, c0, C, BB, BC), d1 * hq + d2 * ha * hb)
         if NC > 0:
-            hz = tl.load(src + _tile(row0, Bp, 1 + N1, b0, c0, C, BB, BC))
-            tl.store(dst + _tile(0, Bp, 1 + N1, b0, c0, C, BB, BC), d1 * hz + d2 * (msq / NC))
+            hz = tl.load(src + _tile(row0, Bp, 1 + N1 + NP, b0, c0, C, BB, BC))
+            tl.store(dst + _tile(0, Bp, 1 + N1 + NP, b0, c0, C, BB, BC),
+                     d1 * hz + d2 * (msq / NC))
 
 
 @triton.jit
-def _act_bwd(g, g2, h, dh, row0, b0, Bp, C: tl.constexpr, N1: tl.constexpr, C0: tl.constexpr,
-             NC: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr, HAS_G2: tl.constexpr):
+def _gload(g, g2, o, HAS_G2: tl.constexpr):
+    """The output gradient at offsets o: g, plus g2 when HAS_G2."""
+    x = tl.load(g + o)
+    if HAS_G2:
+        x += tl.load(g2 + o)
+    return x
+
+
+@triton.jit
+def _act_bwd(g, g2, h, dh, row0, b0, Bp, C: tl.constexpr, N1: tl.constexpr, NP: tl.constexpr,
+             PA: tl.constexpr, PB: tl.constexpr, C0: tl.constexpr, NC: tl.constexpr,
+             BB: tl.constexpr, BC: tl.constexpr, HAS_G2: tl.constexpr):
     """dh rows = reverse of _act_fwd at the jet in h rows (base row0) for output grads g (+ g2).
 
-    a_i = d1 h_i, a_z = d1 h_z + d2 m (m = mean_k h_k^2) give
-    dh_i = d1 g_i (+ 2/NC d2 g_z h_i for collapsed i), dh_z = d1 g_z,
-    dh_0 = d1 g_0 + d2 sum_i g_i h_i + d2 g_z h_z + d3 g_z m.
+    a_i = d1 h_i, a_q = d1 h_q + d2 h_a h_b (pair q = (a, b)), a_z = d1 h_z + d2 m
+    (m = mean_k h_k^2) give
+    dh_i = d1 g_i + d2 (sum_{q: a = i} g_q h_b + sum_{q: b = i} g_q h_a)
+           (+ 2/NC d2 g_z h_i for collapsed i),  dh_q = d1 g_q,  dh_z = d1 g_z,
+    dh_0 = d1 g_0 + d2 sum_i g_i h_i + sum_q g_q (d2 h_q + d3 h_a h_b) + d2 g_z h_z + d3 g_z m.
+    The pair indices are compile-time, so each first-order row only reads its own pairs.
     """
     for c0 in range(0, C, BC):
         h0 = tl.load(h + _tile(row0, Bp, 0, b0, c0, C, BB, BC))
         _, d1, d2, d3 = _silu_d(h0)
-        o = _tile(0, Bp, 0, b0, c0, C, BB, BC)
-        g0 = tl.load(g + o)
-        if HAS_G2:
-            g0 += tl.load(g2 + o)
-        dh0 = d1 * g0
+        dh0 = d1 * _gload(g, g2, _tile(0, Bp, 0, b0, c0, C, BB, BC), HAS_G2)
         gz = tl.zeros([BB, BC], dtype=tl.float32)
         if NC > 0:
-            oz = _tile(0, Bp, 1 + N1, b0, c0, C, BB, BC)
-            gz = tl.load(g + oz)
-            if HAS_G2:
-                gz += tl.load(g2 + oz)
-            hz = tl.load(h + _tile(row0, Bp, 1 + N1, b0, c0, C, BB, BC))
+            oz = _tile(0, Bp, 1 + N1 + NP, b0, c0, C, BB, BC)
+            gz = _gload(g, g2, oz, HAS_G2)
+            hz = tl.load(h + _tile(row0, Bp, 1 + N1 + NP, b0, c0, C, BB, BC))
             dh0 += d2 * gz * hz
             tl.store(dh + oz, d1 * gz)
         msq = tl.zeros([BB, BC], dtype=tl.float32)
         for r in tl.static_range(1, 1 + N1):
             o = _tile(0, Bp, r, b0, c0, C, BB, BC)
             hr = tl.load(h + _tile(row0, Bp, r, b0, c0, C, BB, BC))
-            gr = tl.load(g + o)
-            if HAS_G2:
-                gr += tl.load(g2 + o)
+            gr = _gload(g, g2, o, HAS_G2)
             dh0 += d2 * gr * hr
             dhr = d1 * gr
+            for j in tl.static_range(NP):
+                if ((PA >> (3 * j)) & 7) == r:
+                    dhr += d2 * _gload(g, g2, _tile(0, Bp, 1 + N1 + j, b0, c0, C, BB, BC),
+                                       HAS_G2) * tl.load(
+                        h + _tile(row0, Bp, (PB >> (3 * j)) & 7, b0, c0, C, BB, BC))
+                if ((PB >> (3 * j)) & 7) == r:
+                    dhr += d2 * _gload(g, g2, _tile(0, Bp, 1 + N1 + j, b0, c0, C, BB, BC),
+                                       HAS_G2) * tl.load(
+                        h + _tile(row0, Bp, (PA >> (3 * j)) & 7, b0, c0, C, BB, BC))
             if r >= C0:
                 if r < C0 + NC:
                     dhr += (2.0 / NC) * d2 * gz * hr
                     msq += hr * hr
             tl.store(dh + o, dhr)
+        for j in tl.static_range(NP):
+            oq = _tile(0, Bp, 1 + N1 + j, b0, c0, C, BB, BC)
+            gq = _gload(g, g2, oq, HAS_G2)
+            hq = tl.load(h + _tile(row0, Bp, 1 + N1 + j, b0, c0, C, BB, BC))
+            ha = tl.load(h + _tile(row0, Bp, (PA >> (3 * j)) & 7, b0, c0, C, BB, BC))
+            hb = tl.load(h + _tile(row0, Bp, (PB >> (3 * j)) & 7, b0, c0, C, BB, BC))
+            dh0 += gq * (d2 * hq + d3 * ha * hb)
+            tl.store(dh + oq, d1 * gq)
         if NC > 0:
             dh0 += d3 * gz * (msq / NC)
         tl.store(dh + _tile(0, Bp, 0, b0, c0, C, BB, BC), dh0)
@@ -144,50 +175,69 @@ def _fourier_setup(t_ptr, wf_ptr, b0, B, E, BB: tl.constexpr, EP: tl.constexpr):
 
 
 @triton.jit
-def _fourier_fwd(t_ptr, wf_ptr, f_ptr, b0, B, Bp, E, N1: tl.constexpr, C0: tl.constexpr,
-                 NC: tl.constexpr, BB: tl.constexpr, EP: tl.constexpr):
+def _trow(t_ptr, r, B, i, i_ok, w):
+    """Row r of the t rows for samples i and its Fourier argument rows 2 pi t_r w."""
+    tr = tl.load(t_ptr + r * B + i, mask=i_ok, other=0.0)
+    return tr, tr[:, None] * w[None, :] * 6.283185307179586
+
+
+@triton.jit
+def _fourier_fwd(t_ptr, wf_ptr, f_ptr, b0, B, Bp, E, N1: tl.constexpr, NP: tl.constexpr,
+                 PA: tl.constexpr, PB: tl.constexpr, C0: tl.constexpr, NC: tl.constexpr,
+                 BB: tl.constexpr, EP: tl.constexpr):
     i, i_ok, j, j_ok, is_sin, w, t0, v, d1 = _fourier_setup(t_ptr, wf_ptr, b0, B, E, BB, EP)
     d2 = -v
     tl.store(f_ptr + _tile(0, Bp, 0, b0, 0, EP, BB, EP), v)
     msq = tl.zeros([BB, EP], dtype=tl.float32)
     for r in tl.static_range(1, 1 + N1):
-        tr = tl.load(t_ptr + r * B + i, mask=i_ok, other=0.0)
-        pr = tr[:, None] * w[None, :] * 6.283185307179586
+        _, pr = _trow(t_ptr, r, B, i, i_ok, w)
         tl.store(f_ptr + _tile(0, Bp, r, b0, 0, EP, BB, EP), d1 * pr)
         if r >= C0:
             if r < C0 + NC:
                 msq += pr * pr
+    for q in tl.static_range(NP):
+        _, pq = _trow(t_ptr, 1 + N1 + q, B, i, i_ok, w)
+        _, pa = _trow(t_ptr, (PA >> (3 * q)) & 7, B, i, i_ok, w)
+        _, pb = _trow(t_ptr, (PB >> (3 * q)) & 7, B, i, i_ok, w)
+        tl.store(f_ptr + _tile(0, Bp, 1 + N1 + q, b0, 0, EP, BB, EP), d1 * pq + d2 * pa * pb)
     if NC > 0:
-        tz = tl.load(t_ptr + (1 + N1) * B + i, mask=i_ok, other=0.0)
-        pz = tz[:, None] * w[None, :] * 6.283185307179586
-        tl.store(f_ptr + _tile(0, Bp, 1 + N1, b0, 0, EP, BB, EP), d1 * pz + d2 * (msq / NC))
+        _, pz = _trow(t_ptr, 1 + N1 + NP, B, i, i_ok, w)
+        tl.store(f_ptr + _tile(0, Bp, 1 + N1 + NP, b0, 0, EP, BB, EP),
+                 d1 * pz + d2 * (msq / NC))
 
 
 @triton.jit
 def _fourier_bwd(t_ptr, wf_ptr, gf_ptr, dt_ptr, dwf_ptr, b0, B, Bp, E, N1: tl.constexpr,
-                 C0: tl.constexpr, NC: tl.constexpr, BB: tl.constexpr, EP: tl.constexpr):
-    """Reverse of _fourier_fwd: dt rows and this program's share of dW_fourier."""
+                 NP: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, C0: tl.constexpr,
+                 NC: tl.constexpr, BB: tl.constexpr, EP: tl.constexpr):
+    """Reverse of _fourier_fwd: dt rows and this program's share of dW_fourier
+    (the argument rows p_r = 2 pi t_r w are linear in t_r: dt_r = 2 pi sum_j dp_r w,
+    dw = 2 pi sum_r dp_r t_r)."""
     i, i_ok, j, j_ok, is_sin, w, t0, v, d1 = _fourier_setup(t_ptr, wf_ptr, b0, B, E, BB, EP)
     d2 = -v
     d3 = -d1
-    g0 = tl.load(gf_ptr + _tile(0, Bp, 0, b0, 0, EP, BB, EP))
-    dp0 = d1 * g0
+    dp0 = d1 * tl.load(gf_ptr + _tile(0, Bp, 0, b0, 0, EP, BB, EP))
     gz = tl.zeros([BB, EP], dtype=tl.float32)
     tz = tl.zeros([BB], dtype=tl.float32)
     pz = tl.zeros([BB, EP], dtype=tl.float32)
     if NC > 0:
-        gz = tl.load(gf_ptr + _tile(0, Bp, 1 + N1, b0, 0, EP, BB, EP))
-        tz = tl.load(t_ptr + (1 + N1) * B + i, mask=i_ok, other=0.0)
-        pz = tz[:, None] * w[None, :] * 6.283185307179586
+        gz = tl.load(gf_ptr + _tile(0, Bp, 1 + N1 + NP, b0, 0, EP, BB, EP))
+        tz, pz = _trow(t_ptr, 1 + N1 + NP, B, i, i_ok, w)
         dp0 += d2 * gz * pz
     acc_w = tl.zeros([BB, EP], dtype=tl.float32)      # sum_r dp_r t_r
     msq = tl.zeros([BB, EP], dtype=tl.float32)
     for r in tl.static_range(1, 1 + N1):
-        tr = tl.load(t_ptr + r * B + i, mask=i_ok, other=0.0)
-        pr = tr[:, None] * w[None, :] * 6.283185307179586
+        tr, pr = _trow(t_ptr, r, B, i, i_ok, w)
         gr = tl.load(gf_ptr + _tile(0, Bp, r, b0, 0, EP, BB, EP))
         dp0 += d2 * gr * pr
         dpr = d1 * gr
+        for q in tl.static_range(NP):
+            if ((PA >> (3 * q)) & 7) == r:
+                _, pb = _trow(t_ptr, (PB >> (3 * q)) & 7, B, i, i_ok, w)
+                dpr += d2 * pb * tl.load(gf_ptr + _tile(0, Bp, 1 + N1 + q, b0, 0, EP, BB, EP))
+            if ((PB >> (3 * q)) & 7) == r:
+                _, pa = _trow(t_ptr, (PA >> (3 * q)) & 7, B, i, i_ok, w)
+                dpr += d2 * pa * tl.load(gf_ptr + _tile(0, Bp, 1 + N1 + q, b0, 0, EP, BB, EP))
         if r >= C0:
             if r < C0 + NC:
                 dpr += (2.0 / NC) * d2 * gz * pr
@@ -195,10 +245,20 @@ def _fourier_bwd(t_ptr, wf_ptr, gf_ptr, dt_ptr, dwf_ptr, b0, B, Bp, E, N1: tl.co
         tl.store(dt_ptr + r * B + i, tl.sum(dpr * w[None, :], axis=1) * 6.283185307179586,
                  mask=i_ok)
         acc_w += dpr * tr[:, None]
+    for q in tl.static_range(NP):
+        tq, pq = _trow(t_ptr, 1 + N1 + q, B, i, i_ok, w)
+        _, pa = _trow(t_ptr, (PA >> (3 * q)) & 7, B, i, i_ok, w)
+        _, pb = _trow(t_ptr, (PB >> (3 * q)) & 7, B, i, i_ok, w)
+        gq = tl.load(gf_ptr + _tile(0, Bp, 1 + N1 + q, b0, 0, EP, BB, EP))
+        dp0 += gq * (d2 * pq + d3 * pa * pb)
+        dpq = d1 * gq
+        tl.store(dt_ptr + (1 + N1 + q) * B + i,
+                 tl.sum(dpq * w[None, :], axis=1) * 6.283185307179586, mask=i_ok)
+        acc_w += dpq * tq[:, None]
     if NC > 0:
         dp0 += d3 * gz * (msq / NC)
         dpz = d1 * gz
-        tl.store(dt_ptr + (1 + N1) * B + i,
+        tl.store(dt_ptr + (1 + N1 + NP) * B + i,
                  tl.sum(dpz * w[None, :], axis=1) * 6.283185307179586, mask=i_ok)
         acc_w += dpz * tz[:, None]
     tl.store(dt_ptr + i, tl.sum(dp0 * w[None, :], axis=1) * 6.283185307179586, mask=i_ok)
@@ -263,7 +323,8 @@ def _mlp_jet_fwd_kernel(
         wo_ptr, bo_ptr, out_ptr, f_ptr, pt_ptr, temb_ptr, h_ptr, a_ptr,
         B, Bp, D, E,
         WIDTH: tl.constexpr, NL: tl.constexpr, R: tl.constexpr, N1: tl.constexpr,
-        C0: tl.constexpr, NC: tl.constexpr, BB: tl.constexpr, RP: tl.constexpr,
+        NP: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, C0: tl.constexpr,
+        NC: tl.constexpr, BB: tl.constexpr, RP: tl.constexpr,
         WP: tl.constexpr, EP: tl.constexpr, DP: tl.constexpr, BW: tl.constexpr,
         BE: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     b0 = tl.program_id(0).to(tl.int64) * BB
@@ -279,7 +340,7 @@ def _mlp_jet_fwd_kernel(
     E2 = 2 * E
 
     # time embedding: T = silu(Wt fourier(t) + bt) on jets
-    _fourier_fwd(t_ptr, wf_ptr, f_ptr, b0, B, Bp, E, N1, C0, NC, BB, EP)
+    _fourier_fwd(t_ptr, wf_ptr, f_ptr, b0, B, Bp, E, N1, NP, PA, PB, C0, NC, BB, EP)
     tl.debug_barrier()
     for n0 in range(0, WP, BW):
         n = n0 + tl.arange(0, BW)
@@ -289,7 +350,7 @@ def _mlp_jet_fwd_kernel(
         acc = _bias(acc, bt_ptr, n, n_ok, v0)
         tl.store(pt_ptr + sc[:, None] * WP + n[None, :], acc, mask=ok[:, None])
     tl.debug_barrier()
-    _act_fwd(pt_ptr, temb_ptr, 0, b0, Bp, WP, N1, C0, NC, BB, BW)
+    _act_fwd(pt_ptr, temb_ptr, 0, b0, Bp, WP, N1, NP, PA, PB, C0, NC, BB, BW)
     tl.debug_barrier()
 
     # H_0 = Win x + bin + T
@@ -304,7 +365,7 @@ def _mlp_jet_fwd_kernel(
 
     # H_{l+1} = Wh_l silu(H_l) + bh_l + Wp_l T + bp_l
     for l in range(NL):
-        _act_fwd(h_ptr, a_ptr, l * R, b0, Bp, WP, N1, C0, NC, BB, BW)
+        _act_fwd(h_ptr, a_ptr, l * R, b0, Bp, WP, N1, NP, PA, PB, C0, NC, BB, BW)
         tl.debug_barrier()
         for n0 in range(0, WP, BW):
             n = n0 + tl.arange(0, BW)
@@ -321,7 +382,7 @@ def _mlp_jet_fwd_kernel(
         tl.debug_barrier()
 
     # out = Wo silu(H_NL) + bo
-    _act_fwd(h_ptr, a_ptr, NL * R, b0, Bp, WP, N1, C0, NC, BB, BW)
+    _act_fwd(h_ptr, a_ptr, NL * R, b0, Bp, WP, N1, NP, PA, PB, C0, NC, BB, BW)
     tl.debug_barrier()
     for n0 in range(0, DP, BD):
         n = n0 + tl.arange(0, BD)
@@ -341,7 +402,8 @@ def _mlp_jet_bwd_kernel(
         dwp_ptr, dwo_ptr, dbo_ptr,
         B, Bp, D, E,
         WIDTH: tl.constexpr, NL: tl.constexpr, R: tl.constexpr, N1: tl.constexpr,
-        C0: tl.constexpr, NC: tl.constexpr, BB: tl.constexpr, RP: tl.constexpr,
+        NP: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, C0: tl.constexpr,
+        NC: tl.constexpr, BB: tl.constexpr, RP: tl.constexpr,
         WP: tl.constexpr, EP: tl.constexpr, DP: tl.constexpr, BW: tl.constexpr,
         BE: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     b0 = tl.program_id(0).to(tl.int64) * BB
@@ -357,7 +419,7 @@ def _mlp_jet_bwd_kernel(
     E2 = 2 * E
 
     # output layer: dWo += dOut^T A_NL, dbo, G = dOut Wo
-    _act_fwd(h_ptr, a_ptr, NL * R, b0, Bp, WP, N1, C0, NC, BB, BW)
+    _act_fwd(h_ptr, a_ptr, NL * R, b0, Bp, WP, N1, NP, PA, PB, C0, NC, BB, BW)
     tl.debug_barrier()
     _wgrad(dwo_ptr, dbo_ptr, gout_ptr, ex, ex_ok, D, D, DP, BD,
            a_ptr, sc, ok, WP, WIDTH, WP, BW, v0, True, PREC)
@@ -368,13 +430,14 @@ def _mlp_jet_bwd_kernel(
         acc = _mm(acc, gout_ptr, ex, ex_ok, D, D, DP, BD, wo_ptr, WIDTH, 1, n, n_ok, PREC)
         tl.store(g_ptr + sc[:, None] * WP + n[None, :], acc, mask=ok[:, None])
     tl.debug_barrier()
-    _act_bwd(g_ptr, tt_ptr, h_ptr, dh_ptr, NL * R, b0, Bp, WP, N1, C0, NC, BB, BW, False)
+    _act_bwd(g_ptr, tt_ptr, h_ptr, dh_ptr, NL * R, b0, Bp, WP, N1, NP, PA, PB, C0, NC, BB, BW,
+             False)
     tl.debug_barrier()
 
     # hidden blocks, last to first: DH holds dH_{l+1}
     for i in range(NL):
         l = NL - 1 - i
-        _act_fwd(h_ptr, a_ptr, l * R, b0, Bp, WP, N1, C0, NC, BB, BW)
+        _act_fwd(h_ptr, a_ptr, l * R, b0, Bp, WP, N1, NP, PA, PB, C0, NC, BB, BW)
         tl.debug_barrier()
         _wgrad(dwh_ptr + l * WIDTH * WIDTH, dbh_ptr + l * WIDTH, dh_ptr, sc, ok, WP, WIDTH, WP,
                BW, a_ptr, sc, ok, WP, WIDTH, WP, BW, v0, True, PREC)
@@ -392,7 +455,8 @@ def _mlp_jet_bwd_kernel(
                      WIDTH, 1, n, n_ok, PREC)
             tl.store(tt_ptr + sc[:, None] * WP + n[None, :], tt, mask=ok[:, None])
         tl.debug_barrier()
-        _act_bwd(g_ptr, tt_ptr, h_ptr, dh_ptr, l * R, b0, Bp, WP, N1, C0, NC, BB, BW, False)
+        _act_bwd(g_ptr, tt_ptr, h_ptr, dh_ptr, l * R, b0, Bp, WP, N1, NP, PA, PB, C0, NC, BB,
+                 BW, False)
         tl.debug_barrier()
 
     # input layer H_0 = Win x + bin + T: dWin, dbin, dx; dT = TT + DH
@@ -404,7 +468,8 @@ def _mlp_jet_bwd_kernel(
         acc = tl.zeros([M, BD], dtype=tl.float32)
         acc = _mm(acc, dh_ptr, sc, ok, WP, WIDTH, WP, BW, win_ptr, D, 1, n, n_ok, PREC)
         tl.store(dx_ptr + ex[:, None] * D + n[None, :], acc, mask=ex_ok[:, None] & n_ok[None, :])
-    _act_bwd(dh_ptr, tt_ptr, pt_ptr, g_ptr, 0, b0, Bp, WP, N1, C0, NC, BB, BW, True)
+    _act_bwd(dh_ptr, tt_ptr, pt_ptr, g_ptr, 0, b0, Bp, WP, N1, NP, PA, PB, C0, NC, BB, BW,
+             True)
     tl.debug_barrier()
 
     # time embedding: dWt, dbt from dPt (in G), then dF = dPt Wt and the Fourier rule
@@ -417,7 +482,8 @@ def _mlp_jet_bwd_kernel(
         acc = _mm(acc, g_ptr, sc, ok, WP, WIDTH, WP, BW, wt_ptr, E2, 1, n, n_ok, PREC)
         tl.store(gf_ptr + sc[:, None] * EP + n[None, :], acc, mask=ok[:, None])
     tl.debug_barrier()
-    _fourier_bwd(t_ptr, wf_ptr, gf_ptr, dt_ptr, dwf_ptr, b0, B, Bp, E, N1, C0, NC, BB, EP)
+    _fourier_bwd(t_ptr, wf_ptr, gf_ptr, dt_ptr, dwf_ptr, b0, B, Bp, E, N1, NP, PA, PB, C0, NC,
+                 BB, EP)
 
 
 # ---- launchers -------------------------------------------------------------------------
@@ -440,12 +506,24 @@ def saved_shapes(R: int, B: int, width: int, E: int, D: int, layers: int):
     return (R, Bp, c["EP"]), (R, Bp, WP), (R, Bp, WP), (layers + 1, R, Bp, WP)
 
 
-def _meta(x_rows, t_rows, in_w, hidden_w, fourier, n1, c0, nc):
+def pack_rows(rows) -> int:
+    """Row indices (each < 8) as one compile-time int, 3 bits each: the kernels read index j
+    as (P >> 3 j) & 7."""
+    packed = 0
+    for j, r in enumerate(rows):
+        if not 0 <= int(r) < 8:
+            raise ValueError(f"row index {r} does not fit the kernels' 3-bit packing")
+        packed |= int(r) << (3 * j)
+    return packed
+
+
+def _meta(x_rows, t_rows, in_w, hidden_w, fourier, n1, pair_a, pair_b, c0, nc):
     R, B, D = x_rows.shape
     width, E, L = in_w.shape[0], fourier.shape[0], hidden_w.shape[0]
     c = config(R, B, width, E, D)
     Bp = c.pop("Bp")
-    consts = dict(WIDTH=width, NL=L, R=R, N1=n1, C0=c0 if nc else 1, NC=nc, **c,
+    consts = dict(WIDTH=width, NL=L, R=R, N1=n1, NP=len(pair_a), PA=pack_rows(pair_a),
+                  PB=pack_rows(pair_b), C0=c0 if nc else 1, NC=nc, **c,
                   PREC=_precision(x_rows.device), num_warps=_NUM_WARPS)
     return R, B, D, E, Bp, consts
 
@@ -458,9 +536,10 @@ def _precision(device: torch.device) -> str:
 
 
 def mlp_jet_forward(x_rows, t_rows, fourier, temb_w, temb_b, in_w, in_b, hidden_w, hidden_b,
-                    proj_w, proj_b, out_w, out_b, n1: int, c0: int, nc: int):
+                    proj_w, proj_b, out_w, out_b, n1: int, pair_a, pair_b, c0: int, nc: int):
     """Output rows [R, B, D] and the saved intermediates (F, Pt, T, H)."""
-    R, B, D, E, Bp, k = _meta(x_rows, t_rows, in_w, hidden_w, fourier, n1, c0, nc)
+    R, B, D, E, Bp, k = _meta(x_rows, t_rows, in_w, hidden_w, fourier, n1, pair_a, pair_b,
+                              c0, nc)
     shapes = saved_shapes(R, B, in_w.shape[0], E, D, hidden_w.shape[0])
     feats, pre_t, temb, pre = (x_rows.new_empty(s) for s in shapes)
     work = x_rows.new_empty(shapes[1])
@@ -472,10 +551,11 @@ def mlp_jet_forward(x_rows, t_rows, fourier, temb_w, temb_b, in_w, in_b, hidden_
 
 
 def mlp_jet_backward(g_out, x_rows, t_rows, fourier, temb_w, in_w, hidden_w, proj_w, out_w,
-                     feats, pre_t, temb, pre, n1: int, c0: int, nc: int):
+                     feats, pre_t, temb, pre, n1: int, pair_a, pair_b, c0: int, nc: int):
     """Gradients (x rows, t rows, fourier, temb_w, temb_b, in_w, in_b, hidden_w, hidden_b,
     proj_w, proj_b, out_w, out_b) for output-row gradients g_out."""
-    R, B, D, E, Bp, k = _meta(x_rows, t_rows, in_w, hidden_w, fourier, n1, c0, nc)
+    R, B, D, E, Bp, k = _meta(x_rows, t_rows, in_w, hidden_w, fourier, n1, pair_a, pair_b,
+                              c0, nc)
     work = [torch.empty_like(pre_t) for _ in range(3)] + [torch.zeros_like(pre_t),
                                                            torch.empty_like(feats)]
     zeros = [torch.zeros(p.shape, dtype=torch.float32, device=p.device)

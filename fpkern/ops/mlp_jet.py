@@ -10,10 +10,10 @@ phi''(h0) mean_k h_k^2).
 
 `mlp_jet_ref` is the plain-torch reference (any layout, any dtype, differentiable). The op
 runs the Triton kernels of fpkern/kernels/mlp_jet.py (CUDA, or CPU under TRITON_INTERPRET=1)
-for float32, width <= 256, at most 8 rows and no pair rows; `kernel_unsupported` says why
-a call cannot use it. Its backward runs the Triton backward kernel, except when the graph
-of the backward itself is recorded (create_graph=True, as the div-form residual does): the
-gradients then come from the reference, so double backward works.
+for float32, width <= 256 and at most 8 rows, pair rows included (the projected div-form pass
+for K <= 2 probes); `kernel_unsupported` says why a call cannot use it. Its backward runs the
+Triton backward kernel, except when the graph of the backward itself is recorded
+(create_graph=True): the gradients then come from the reference, so double backward works.
 """
 
 from __future__ import annotations
@@ -83,16 +83,14 @@ def kernel_unsupported(x_rows: torch.Tensor, t_rows: torch.Tensor, params: MLPPa
     if spec is None:
         return "collapsed rows are not contiguous"
     n1, pair_a, _, _, nc = spec
-    if pair_a:
-        return "mixed pair rows are not supported by the kernel"
     if x_rows.dim() != 3 or t_rows.dim() != 2:
         return (f"x rows must be [R, B, D] and t rows [R, B], got {tuple(x_rows.shape)}, "
                 f"{tuple(t_rows.shape)}")
     R = x_rows.shape[0]
     if x_rows.shape[1] == 0:
         return "no samples"
-    if R != 1 + n1 + (1 if nc else 0) or R > MAX_ROWS:
-        return f"{R} rows (the kernel takes 1 + n1 (+ 1 collapsed) <= {MAX_ROWS})"
+    if R != 1 + n1 + len(pair_a) + (1 if nc else 0) or R > MAX_ROWS:
+        return f"{R} rows (the kernel takes 1 + n1 + pairs (+ 1 collapsed) <= {MAX_ROWS})"
     width = params.in_w.shape[0]
     if width > MAX_WIDTH:
         return f"width {width} > {MAX_WIDTH}"
@@ -148,11 +146,12 @@ def _mlp_jet_op(x_rows: torch.Tensor, t_rows: torch.Tensor, fourier: torch.Tenso
                 temb_w: torch.Tensor, temb_b: torch.Tensor, in_w: torch.Tensor,
                 in_b: torch.Tensor, hidden_w: torch.Tensor, hidden_b: torch.Tensor,
                 proj_w: torch.Tensor, proj_b: torch.Tensor, out_w: torch.Tensor,
-                out_b: torch.Tensor, n1: int, c0: int, nc: int
+                out_b: torch.Tensor, n1: int, pair_a: list[int], pair_b: list[int], c0: int,
+                nc: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = _contig((x_rows, t_rows, fourier, temb_w, temb_b, in_w, in_b, hidden_w, hidden_b,
                     proj_w, proj_b, out_w, out_b))
-    return _kernels().mlp_jet_forward(*args, n1, c0, nc)
+    return _kernels().mlp_jet_forward(*args, n1, pair_a, pair_b, c0, nc)
 
 
 def _saved_like(x_rows, in_w, fourier, hidden_w):
@@ -164,7 +163,7 @@ def _saved_like(x_rows, in_w, fourier, hidden_w):
 
 @_mlp_jet_op.register_fake
 def _(x_rows, t_rows, fourier, temb_w, temb_b, in_w, in_b, hidden_w, hidden_b, proj_w, proj_b,
-      out_w, out_b, n1, c0, nc):
+      out_w, out_b, n1, pair_a, pair_b, c0, nc):
     return (torch.empty_like(x_rows),) + tuple(_saved_like(x_rows, in_w, fourier, hidden_w))
 
 
@@ -173,15 +172,16 @@ def _mlp_jet_bwd_op(g_out: torch.Tensor, x_rows: torch.Tensor, t_rows: torch.Ten
                     fourier: torch.Tensor, temb_w: torch.Tensor, in_w: torch.Tensor,
                     hidden_w: torch.Tensor, proj_w: torch.Tensor, out_w: torch.Tensor,
                     feats: torch.Tensor, pre_t: torch.Tensor, temb: torch.Tensor,
-                    pre: torch.Tensor, n1: int, c0: int, nc: int) -> list[torch.Tensor]:
+                    pre: torch.Tensor, n1: int, pair_a: list[int], pair_b: list[int], c0: int,
+                    nc: int) -> list[torch.Tensor]:
     args = _contig((g_out, x_rows, t_rows, fourier, temb_w, in_w, hidden_w, proj_w, out_w,
                     feats, pre_t, temb, pre))
-    return list(_kernels().mlp_jet_backward(*args, n1, c0, nc))
+    return list(_kernels().mlp_jet_backward(*args, n1, pair_a, pair_b, c0, nc))
 
 
 @_mlp_jet_bwd_op.register_fake
 def _(g_out, x_rows, t_rows, fourier, temb_w, in_w, hidden_w, proj_w, out_w, feats, pre_t,
-      temb, pre, n1, c0, nc):
+      temb, pre, n1, pair_a, pair_b, c0, nc):
     width = in_w.shape[0]
     like = [x_rows, t_rows, fourier, temb_w, temb_w.new_empty(width), in_w,
             in_w.new_empty(width), hidden_w, hidden_w.new_empty(hidden_w.shape[:2]), proj_w,
@@ -201,9 +201,10 @@ def _params_of(flat) -> MLPParams:
 
 def _ref_backward(ctx, g_out, inputs):
     """Gradients from the differentiable reference (used while recording the backward)."""
-    n1, c0, nc = ctx.spec
+    n1, pair_a, pair_b, c0, nc = ctx.spec
     need = [i for i, x in enumerate(inputs) if ctx.needs_input_grad[i]]
-    out = mlp_jet_ref(inputs[0], inputs[1], _params_of(inputs[2:]), (n1, (), (), c0, nc))
+    out = mlp_jet_ref(inputs[0], inputs[1], _params_of(inputs[2:]),
+                      (n1, tuple(pair_a), tuple(pair_b), c0, nc))
     grads = torch.autograd.grad(out, [inputs[i] for i in need], g_out, create_graph=True,
                                 allow_unused=True)
     result = [None] * _N_TENSORS
@@ -222,7 +223,7 @@ def _backward(ctx, g_out, *unused):
         grads = _mlp_jet_bwd_op(g_out.contiguous(), x_rows, t_rows, f, wt, win, wh, wp, wo,
                                 *kept, *ctx.spec)
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
-    return tuple(grads) + (None, None, None)
+    return tuple(grads) + (None,) * 5
 
 
 _mlp_jet_op.register_autograd(_backward, setup_context=_setup)
@@ -233,12 +234,13 @@ def mlp_jet(x_rows: torch.Tensor, t_rows: torch.Tensor, params: MLPParams, spec)
     """Output rows [R, B, D] of the MLP for x rows [R, B, D] and t rows [R, B] in one fused
     Triton launch (forward and backward); spec = Layout.kernel_spec of the rows."""
     _check(x_rows, t_rows, params, spec)
-    n1, _, _, c0, nc = spec
+    n1, pair_a, pair_b, c0, nc = spec
     width = params.in_w.shape[0]
     p = params
     hidden = [_stacked(s, p.in_w, shape) for s, shape in
               ((p.hidden_w, (width, width)), (p.hidden_b, (width,)),
                (p.proj_w, (width, width)), (p.proj_b, (width,)))]
     out = _mlp_jet_op(x_rows, t_rows, p.fourier, p.temb_w, p.temb_b, p.in_w, p.in_b, *hidden,
-                      p.out_w, p.out_b, int(n1), int(c0) if nc else 1, int(nc))
+                      p.out_w, p.out_b, int(n1), [int(a) for a in pair_a],
+                      [int(b) for b in pair_b], int(c0) if nc else 1, int(nc))
     return out[0]

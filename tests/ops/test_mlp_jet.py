@@ -15,7 +15,7 @@ from torch.func import jvp
 from fpkern import backend
 from fpkern.jet import Jet, Layout
 from fpkern.models import MLP, ScoreFn
-from fpkern.ops import fpe_residual
+from fpkern.ops import fpe_residual, projected_residual
 from fpkern.ops import mlp_jet as mj
 from fpkern.ops.fused import jet_pass
 from fpkern.sde import VPSDE
@@ -29,6 +29,9 @@ LAYOUTS = {
     "jvp": Layout(n1=1),                                         # x, c
     "div_k2": Layout(n1=3),                                      # x, v1, v2, time
     "collapse_mid": Layout(n1=3, collapse=(2, 3)),
+    "projected_k1": Layout(n1=3, pairs=((1, 2),)),               # x, v, u, time, (v, u)
+    "projected_k2": Layout(n1=4, pairs=((1, 3), (2, 3))),        # x, v1, v2, u, time, pairs
+    "pairs_collapse": Layout(n1=3, pairs=((1, 3), (2, 2)), collapse=(1, 2)),
 }
 
 
@@ -133,7 +136,8 @@ SHAPES = [   # dim, width, depth, embed_dim, B
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("name", ["laplacian_k1", "laplacian_k2_jc", "jvp", "collapse_mid"])
+@pytest.mark.parametrize("name", ["laplacian_k1", "laplacian_k2_jc", "jvp", "collapse_mid",
+                                  "projected_k1", "projected_k2", "pairs_collapse"])
 def test_kernel_matches_reference_forward_and_gradients(name, shape, gen):
     dim, width, depth, embed_dim, B = shape
     layout = LAYOUTS[name]
@@ -156,10 +160,11 @@ def test_kernel_matches_reference_forward_and_gradients(name, shape, gen):
         _assert_close(a, b, 5e-5, f"grad {what}")
 
 
-def test_kernel_gradcheck_float32(gen):
+@pytest.mark.parametrize("name", ["laplacian_k1", "pairs_collapse"])
+def test_kernel_gradcheck_float32(name, gen):
     """The hand-written backward kernel against finite differences of the forward kernel
     itself (float32 only, so loose tolerances; random-projection gradcheck)."""
-    layout = LAYOUTS["laplacian_k1"]
+    layout = LAYOUTS[name]
     m = _net(2, 16, 2, 8)
     params = _params(m)
     x, t = _rows(layout, 3, 2, gen, torch.float32)
@@ -225,9 +230,10 @@ def test_input_checks(gen):
             mj.mlp_jet(x.double(), t.double(), _params(copy.deepcopy(m).double()), spec)
         with pytest.raises(ValueError, match="params.in_w has shape"):
             mj.mlp_jet(x[..., :2], t, _params(m), spec)
-    pairs = Layout(n1=2, pairs=((1, 2),))
+    pairs = LAYOUTS["pairs_collapse"]
     x, t = _rows(pairs, 5, 3, gen, torch.float32)
-    assert "pair" in mj.kernel_unsupported(x, t, _params(m), pairs.kernel_spec)
+    assert mj.kernel_unsupported(x, t, _params(m), pairs.kernel_spec) is None
+    assert "6 rows" in mj.kernel_unsupported(x[:6], t[:6], _params(m), pairs.kernel_spec)
     wide = _net(3, 257, 1, 8)
     x, t = _rows(layout, 2, 3, gen, torch.float32)
     assert "width 257" in mj.kernel_unsupported(x, t, _params(wide), spec)
@@ -236,14 +242,16 @@ def test_input_checks(gen):
     assert "rows" in mj.kernel_unsupported(x, t, _params(m), big.kernel_spec)
 
 
-def test_opcheck(gen):
-    layout = LAYOUTS["laplacian_k1"]
+@pytest.mark.parametrize("name", ["laplacian_k1", "pairs_collapse"])
+def test_opcheck(name, gen):
+    layout = LAYOUTS[name]
+    n1, pair_a, pair_b, c0, nc = layout.kernel_spec
     m = _net(3, 16, 2, 8)
     p = _params(m)
     x, t = _rows(layout, 5, 3, gen, torch.float32)
     args = (x.requires_grad_(), t, p.fourier, p.temb_w, p.temb_b, p.in_w, p.in_b,
             torch.stack(p.hidden_w), torch.stack(p.hidden_b), torch.stack(p.proj_w),
-            torch.stack(p.proj_b), p.out_w, p.out_b, 2, 1, 1)
+            torch.stack(p.proj_b), p.out_w, p.out_b, n1, list(pair_a), list(pair_b), c0, nc)
     with backend.use_backend("triton"):
         torch.library.opcheck(mj._mlp_jet_op, args)
 
@@ -266,7 +274,8 @@ def kernel_calls(monkeypatch):
     ("triton", torch.float32, LAYOUTS["laplacian_k1"], True),
     ("torch", torch.float32, LAYOUTS["laplacian_k1"], False),
     ("triton", F64, LAYOUTS["laplacian_k1"], False),
-    ("triton", torch.float32, Layout(n1=2, pairs=((1, 2),)), False),
+    ("triton", torch.float32, Layout(n1=2, pairs=((1, 2),)), True),
+    ("triton", torch.float32, Layout(n1=5, pairs=((1, 5), (2, 5), (3, 5))), False),   # 9 rows
 ])
 def test_jet_dispatch_picks_the_kernel_only_where_it_applies(which, dtype, layout, fused,
                                                               kernel_calls, gen):
@@ -299,11 +308,11 @@ def test_plain_tensors_and_state_dict_unchanged(kernel_calls):
     assert not kernel_calls
 
 
-@pytest.mark.parametrize("form", ["laplacian", "div"])
+@pytest.mark.parametrize("form", ["laplacian", "div", "projected"])
 def test_fused_residual_same_with_triton_and_torch(form, kernel_calls, gen):
     """Same value and parameter gradients. The div form's value runs the kernel (forward
-    and backward); its gradient's recomputed pass has pair rows, which the per-op rules
-    take (fpkern.ops.fused_div)."""
+    and backward), and so does its gradient's recomputed pass, whose rows include the mixed
+    pairs (fpkern.ops.fused_div); the projected estimator u . r is one pass with pair rows."""
     sde = VPSDE()
     m = _net(3, 32, 3, 16)
     score_fn = ScoreFn(m, sde)
@@ -311,11 +320,15 @@ def test_fused_residual_same_with_triton_and_torch(form, kernel_calls, gen):
     x = torch.randn(B, 3, generator=gen)
     t = torch.rand(B, generator=gen) * 0.9 + 0.05
     V = torch.randn(K, B, 3, generator=gen)
+    U = torch.randn(B, 3, generator=gen)
     names, trained = zip(*[(n, p) for n, p in m.named_parameters() if p.requires_grad])
 
     def run(which):
         with backend.use_backend(which):
-            r = fpe_residual(score_fn, x, t, sde, form=form, method="fused", probes=V)
+            if form == "projected":
+                r = projected_residual(score_fn, x, t, sde, probes=V, directions=U)
+            else:
+                r = fpe_residual(score_fn, x, t, sde, form=form, method="fused", probes=V)
             grads = torch.autograd.grad((r ** 2).sum(), trained)
         return r.detach(), grads
 
@@ -323,7 +336,7 @@ def test_fused_residual_same_with_triton_and_torch(form, kernel_calls, gen):
     assert not kernel_calls
     r_triton, g_triton = run("triton")
     # laplacian without a known score: the jet pass and the J c pass
-    assert len(kernel_calls) == {"laplacian": 2, "div": 1}[form]
+    assert len(kernel_calls) == {"laplacian": 2, "div": 2, "projected": 1}[form]
     _assert_close(r_triton, r_torch, 1e-5, "residual")
     for name, a, b in zip(names, g_triton, g_torch):
         _assert_close(a, b, 1e-4, f"grad {name}")
@@ -348,8 +361,9 @@ def test_kernels_compile_for_sm90():
         import triton
         from triton.backends.compiler import GPUTarget
         from fpkern.kernels import mlp_jet as k
-        c = k.config(5, 7, 48, 4, 3); c.pop("Bp")
-        consts = dict(WIDTH=48, NL=1, R=5, N1=3, C0=1, NC=2, PREC="tf32x3", **c)
+        c = k.config(6, 7, 48, 4, 3); c.pop("Bp")
+        consts = dict(WIDTH=48, NL=1, R=6, N1=3, NP=1, PA=k.pack_rows([1]), PB=k.pack_rows([3]),
+                      C0=1, NC=2, PREC="tf32x3", **c)
         for fn in (k._mlp_jet_fwd_kernel, k._mlp_jet_bwd_kernel):
             names = inspect.signature(fn.fn).parameters
             sig = {n: "constexpr" if n in consts else "*fp32" if n.endswith("_ptr") else "i32"
@@ -365,7 +379,7 @@ def test_kernels_compile_for_sm90():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["laplacian_k2_jc", "jvp"])
+@pytest.mark.parametrize("name", ["laplacian_k2_jc", "jvp", "projected_k1"])
 def test_cuda_kernel_matches_reference(name):
     gen = torch.Generator().manual_seed(0)
     layout = LAYOUTS[name]
