@@ -755,9 +755,9 @@ def _softmax(func, args, kwargs):
 # ---- whole networks --------------------------------------------------------------------
 def _mlp_forward(func, args, kwargs):
     """fpkern.models.mlp.mlp_forward on Jets: the whole MLP as one fused op
-    (fpkern.ops.mlp_jet) where the Triton backend runs (CUDA tensors, or forced), the
-    activation is SiLU and the kernel takes the rows (float32, width <= 256, <= 8 rows);
-    anywhere else the composite network on the per-op rules above."""
+    (fpkern.ops.mlp_jet) where a fused backend runs (Triton on CUDA tensors, C++ on CPU
+    ones), the activation is SiLU and the op takes the rows (fpkern.ops.mlp_jet.
+    kernel_unsupported); anywhere else the composite network on the per-op rules above."""
     from fpkern import backend
     from fpkern.models.mlp import mlp_composite
 
@@ -770,7 +770,7 @@ def _mlp_forward(func, args, kwargs):
             and (isinstance(act, torch.nn.SiLU) or act is F.silu)):
         layout = _layout_of(jets)
         like = jets[0].rows
-        if kernels_enabled() and backend.select(like) == "triton":
+        if kernels_enabled() and backend.select(like) != "torch":
             from fpkern.ops import mlp_jet as fused
             x_rows = x.rows if isinstance(x, Jet) else _lift(x, layout, like)
             t_rows = t.rows if isinstance(t, Jet) else _lift(t, layout, like)

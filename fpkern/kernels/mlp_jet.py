@@ -209,7 +209,7 @@ def _fourier_fwd(t_ptr, wf_ptr, f_ptr, b0, B, Bp, E, N1: tl.constexpr, NP: tl.co
 @triton.jit
 def _fourier_bwd(t_ptr, wf_ptr, gf_ptr, dt_ptr, dwf_ptr, b0, B, Bp, E, N1: tl.constexpr,
                  NP: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, C0: tl.constexpr,
-                 NC: tl.constexpr, BB: tl.constexpr, EP: tl.constexpr):
+                 NC: tl.constexpr, BB: tl.constexpr, EP: tl.constexpr, WEIGHTS: tl.constexpr):
     """Reverse of _fourier_fwd: dt rows and this program's share of dW_fourier
     (the argument rows p_r = 2 pi t_r w are linear in t_r: dt_r = 2 pi sum_j dp_r w,
     dw = 2 pi sum_r dp_r t_r)."""
@@ -263,10 +263,11 @@ def _fourier_bwd(t_ptr, wf_ptr, gf_ptr, dt_ptr, dwf_ptr, b0, B, Bp, E, N1: tl.co
         acc_w += dpz * tz[:, None]
     tl.store(dt_ptr + i, tl.sum(dp0 * w[None, :], axis=1) * 6.283185307179586, mask=i_ok)
     acc_w += dp0 * t0[:, None]
-    col = tl.sum(acc_w, axis=0) * 6.283185307179586
-    tl.atomic_add(dwf_ptr + j, col, mask=is_sin, sem="relaxed")
-    tl.atomic_add(dwf_ptr + tl.where(is_sin, 0, j - E), col, mask=(j >= E) & j_ok,
-                  sem="relaxed")
+    if WEIGHTS:
+        col = tl.sum(acc_w, axis=0) * 6.283185307179586
+        tl.atomic_add(dwf_ptr + j, col, mask=is_sin, sem="relaxed")
+        tl.atomic_add(dwf_ptr + tl.where(is_sin, 0, j - E), col, mask=(j >= E) & j_ok,
+                      sem="relaxed")
 
 
 # ---- GEMM pieces over the [RP * BB, n] row tile ----------------------------------------
@@ -293,12 +294,12 @@ def _bias(acc, b_ptr, n, n_ok, v0):
 
 
 @triton.jit
-def _wgrad(dw_ptr, db_ptr, d_ptr, d_row, d_ok, d_ld, NN, NP: tl.constexpr, BN: tl.constexpr,
+def _wgrad(dw_ptr, db_ptr, d_ptr, d_row, d_ok, d_ld, NN, NPAD: tl.constexpr, BN: tl.constexpr,
            a_ptr, a_row, a_ok, a_ld, KN, KP: tl.constexpr, BK: tl.constexpr, v0,
            HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
     """dW[n, k] += sum_m D[m, n] A[m, k] (dW row-major [NN, KN]) and db[n] += sum over the
     value-row m of D[m, n]: this program's partial sums, added atomically."""
-    for n0 in range(0, NP, BN):
+    for n0 in range(0, NPAD, BN):
         n = n0 + tl.arange(0, BN)
         n_ok = n < NN
         dt = tl.load(d_ptr + d_row[None, :] * d_ld + n[:, None],
@@ -405,7 +406,7 @@ def _mlp_jet_bwd_kernel(
         NP: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, C0: tl.constexpr,
         NC: tl.constexpr, BB: tl.constexpr, RP: tl.constexpr,
         WP: tl.constexpr, EP: tl.constexpr, DP: tl.constexpr, BW: tl.constexpr,
-        BE: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+        BE: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, WEIGHTS: tl.constexpr):
     b0 = tl.program_id(0).to(tl.int64) * BB
     M: tl.constexpr = RP * BB
     m = tl.arange(0, M)
@@ -418,11 +419,12 @@ def _mlp_jet_bwd_kernel(
     ex_ok = ok & (ms < B)
     E2 = 2 * E
 
-    # output layer: dWo += dOut^T A_NL, dbo, G = dOut Wo
-    _act_fwd(h_ptr, a_ptr, NL * R, b0, Bp, WP, N1, NP, PA, PB, C0, NC, BB, BW)
-    tl.debug_barrier()
-    _wgrad(dwo_ptr, dbo_ptr, gout_ptr, ex, ex_ok, D, D, DP, BD,
-           a_ptr, sc, ok, WP, WIDTH, WP, BW, v0, True, PREC)
+    # output layer: dWo += dOut^T A_NL, dbo, G = dOut Wo (WEIGHTS: the parameter gradients)
+    if WEIGHTS:
+        _act_fwd(h_ptr, a_ptr, NL * R, b0, Bp, WP, N1, NP, PA, PB, C0, NC, BB, BW)
+        tl.debug_barrier()
+        _wgrad(dwo_ptr, dbo_ptr, gout_ptr, ex, ex_ok, D, D, DP, BD,
+               a_ptr, sc, ok, WP, WIDTH, WP, BW, v0, True, PREC)
     for n0 in range(0, WP, BW):
         n = n0 + tl.arange(0, BW)
         n_ok = n < WIDTH
@@ -437,12 +439,13 @@ def _mlp_jet_bwd_kernel(
     # hidden blocks, last to first: DH holds dH_{l+1}
     for i in range(NL):
         l = NL - 1 - i
-        _act_fwd(h_ptr, a_ptr, l * R, b0, Bp, WP, N1, NP, PA, PB, C0, NC, BB, BW)
-        tl.debug_barrier()
-        _wgrad(dwh_ptr + l * WIDTH * WIDTH, dbh_ptr + l * WIDTH, dh_ptr, sc, ok, WP, WIDTH, WP,
-               BW, a_ptr, sc, ok, WP, WIDTH, WP, BW, v0, True, PREC)
-        _wgrad(dwp_ptr + l * WIDTH * WIDTH, dwp_ptr, dh_ptr, sc, ok, WP, WIDTH, WP,
-               BW, temb_ptr, sc, ok, WP, WIDTH, WP, BW, v0, False, PREC)
+        if WEIGHTS:
+            _act_fwd(h_ptr, a_ptr, l * R, b0, Bp, WP, N1, NP, PA, PB, C0, NC, BB, BW)
+            tl.debug_barrier()
+            _wgrad(dwh_ptr + l * WIDTH * WIDTH, dbh_ptr + l * WIDTH, dh_ptr, sc, ok, WP, WIDTH,
+                   WP, BW, a_ptr, sc, ok, WP, WIDTH, WP, BW, v0, True, PREC)
+            _wgrad(dwp_ptr + l * WIDTH * WIDTH, dwp_ptr, dh_ptr, sc, ok, WP, WIDTH, WP,
+                   BW, temb_ptr, sc, ok, WP, WIDTH, WP, BW, v0, False, PREC)
         for n0 in range(0, WP, BW):
             n = n0 + tl.arange(0, BW)
             n_ok = n < WIDTH
@@ -460,8 +463,9 @@ def _mlp_jet_bwd_kernel(
         tl.debug_barrier()
 
     # input layer H_0 = Win x + bin + T: dWin, dbin, dx; dT = TT + DH
-    _wgrad(dwin_ptr, dbin_ptr, dh_ptr, sc, ok, WP, WIDTH, WP, BW,
-           x_ptr, ex, ex_ok, D, D, DP, BD, v0, True, PREC)
+    if WEIGHTS:
+        _wgrad(dwin_ptr, dbin_ptr, dh_ptr, sc, ok, WP, WIDTH, WP, BW,
+               x_ptr, ex, ex_ok, D, D, DP, BD, v0, True, PREC)
     for n0 in range(0, DP, BD):
         n = n0 + tl.arange(0, BD)
         n_ok = n < D
@@ -473,8 +477,9 @@ def _mlp_jet_bwd_kernel(
     tl.debug_barrier()
 
     # time embedding: dWt, dbt from dPt (in G), then dF = dPt Wt and the Fourier rule
-    _wgrad(dwt_ptr, dbt_ptr, g_ptr, sc, ok, WP, WIDTH, WP, BW,
-           f_ptr, sc, ok, EP, E2, EP, BE, v0, True, PREC)
+    if WEIGHTS:
+        _wgrad(dwt_ptr, dbt_ptr, g_ptr, sc, ok, WP, WIDTH, WP, BW,
+               f_ptr, sc, ok, EP, E2, EP, BE, v0, True, PREC)
     for n0 in range(0, EP, BE):
         n = n0 + tl.arange(0, BE)
         n_ok = n < E2
@@ -483,7 +488,7 @@ def _mlp_jet_bwd_kernel(
         tl.store(gf_ptr + sc[:, None] * EP + n[None, :], acc, mask=ok[:, None])
     tl.debug_barrier()
     _fourier_bwd(t_ptr, wf_ptr, gf_ptr, dt_ptr, dwf_ptr, b0, B, Bp, E, N1, NP, PA, PB, C0, NC,
-                 BB, EP)
+                 BB, EP, WEIGHTS)
 
 
 # ---- launchers -------------------------------------------------------------------------
@@ -551,9 +556,12 @@ def mlp_jet_forward(x_rows, t_rows, fourier, temb_w, temb_b, in_w, in_b, hidden_
 
 
 def mlp_jet_backward(g_out, x_rows, t_rows, fourier, temb_w, in_w, hidden_w, proj_w, out_w,
-                     feats, pre_t, temb, pre, n1: int, pair_a, pair_b, c0: int, nc: int):
+                     feats, pre_t, temb, pre, n1: int, pair_a, pair_b, c0: int, nc: int,
+                     weights: bool = True, time: bool = True):
     """Gradients (x rows, t rows, fourier, temb_w, temb_b, in_w, in_b, hidden_w, hidden_b,
-    proj_w, proj_b, out_w, out_b) for output-row gradients g_out."""
+    proj_w, proj_b, out_w, out_b) for output-row gradients g_out. weights=False skips the
+    parameter gradients (left zero: a reverse pass for the x gradient alone); `time` (whether
+    the t rows' gradient is used) is accepted for the CPU implementation's signature."""
     R, B, D, E, Bp, k = _meta(x_rows, t_rows, in_w, hidden_w, fourier, n1, pair_a, pair_b,
                               c0, nc)
     work = [torch.empty_like(pre_t) for _ in range(3)] + [torch.zeros_like(pre_t),
@@ -567,5 +575,5 @@ def mlp_jet_backward(g_out, x_rows, t_rows, fourier, temb_w, in_w, hidden_w, pro
         g_out, x_rows, t_rows, fourier, temb_w, in_w, hidden_w, proj_w, out_w,
         feats, pre_t, temb, pre, *work,
         d_x, d_t, d_f, d_wt, d_bt, d_win, d_bin, d_wh, d_bh, d_wp, d_wo, d_bo,
-        B, Bp, D, E, num_stages=1, **k)
+        B, Bp, D, E, num_stages=1, WEIGHTS=bool(weights), **k)
     return d_x, d_t, d_f, d_wt, d_bt, d_win, d_bin, d_wh, d_bh, d_wp, d_bh.clone(), d_wo, d_bo

@@ -21,7 +21,7 @@ import torch
 from fpkern import backend
 from fpkern.ops._eager import EagerOp, pick
 
-__all__ = ["ACTS", "jet_act", "jet_act_ref"]
+__all__ = ["ACTS", "jet_act", "jet_act_ref", "jet_rule_vjp"]
 
 #: Activations with a fused jet rule, by the code the kernels take.
 ACTS = {"silu": 0, "tanh": 1, "sigmoid": 2}
@@ -63,8 +63,14 @@ def jet_act_ref(rows: torch.Tensor, act: str, spec) -> torch.Tensor:
 
 def _jet_act_backward_ref(grad: torch.Tensor, rows: torch.Tensor, act: str, spec) -> torch.Tensor:
     """The vector-Jacobian product of jet_act_ref, written out (what the kernels compute)."""
-    n1, pa, pb, c0, nc = spec
     _, d1, d2, d3 = _derivs_ref(rows[0], act)
+    return jet_rule_vjp(grad, rows, d1, d2, d3, spec)
+
+
+def jet_rule_vjp(grad: torch.Tensor, rows: torch.Tensor, d1, d2, d3, spec) -> torch.Tensor:
+    """The vector-Jacobian product of the jet rule of any phi, given its first three
+    derivatives at the value row: the gradient of the input rows for output-row gradients."""
+    n1, pa, pb, c0, nc = spec
     dx = torch.zeros_like(rows)
     first = slice(1, 1 + n1)
     g0 = grad[0] * d1 + (grad[first] * d2 * rows[first]).sum(0)

@@ -9,11 +9,15 @@ phi'(h0) h_i, pair phi'(h0) h_q + phi''(h0) h_a h_b, collapsed phi'(h0) h_z +
 phi''(h0) mean_k h_k^2).
 
 `mlp_jet_ref` is the plain-torch reference (any layout, any dtype, differentiable). The op
-runs the Triton kernels of fpkern/kernels/mlp_jet.py (CUDA, or CPU under TRITON_INTERPRET=1)
-for float32, width <= 256 and at most 8 rows, pair rows included (the projected div-form pass
-for K <= 2 probes); `kernel_unsupported` says why a call cannot use it. Its backward runs the
-Triton backward kernel, except when the graph of the backward itself is recorded
-(create_graph=True): the gradients then come from the reference, so double backward works.
+runs, by fpkern.backend:
+  - triton (CUDA, or CPU under TRITON_INTERPRET=1): the whole-network kernels of
+    fpkern/kernels/mlp_jet.py, for float32, width <= 256 and at most 8 rows, pair rows
+    included (the projected div-form pass for K <= 2 probes);
+  - cpp (CPU): fpkern/ops/mlp_jet_cpu.py, the same algorithm with torch GEMMs over all rows
+    and the C++ activation jet kernels, float32 or float64, any width and row count.
+`kernel_unsupported` says why a call cannot use it. The backward runs the backend's backward,
+except when the graph of the backward itself is recorded (create_graph=True): the gradients
+then come from the reference, so double backward works.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from fpkern.models.mlp import MLPParams
 
 __all__ = ["mlp_jet", "mlp_jet_ref", "kernel_unsupported"]
 
-MAX_WIDTH = 256       # wider networks: the per-op jet rules
+MAX_WIDTH = 256       # the Triton kernels; wider networks: the per-op jet rules
 MAX_ROWS = 8
 _N_TENSORS = 13       # x_rows, t_rows and the 11 parameter tensors of the op
 
@@ -57,13 +61,18 @@ def _linear_rows(rows, w, b):
     return torch.cat([(out[0] + b)[None], out[1:]])
 
 
+def fourier_rows(t_rows: torch.Tensor, fourier: torch.Tensor, spec) -> torch.Tensor:
+    """Rows [R, B, 2E] of the Gaussian Fourier features [sin(2 pi t w), cos(2 pi t w)]."""
+    proj = t_rows[..., None] * fourier * (2 * math.pi)
+    sin, cos = torch.sin(proj[0]), torch.cos(proj[0])
+    return torch.cat([_jet_rule(proj, sin, cos, -sin, spec),
+                      _jet_rule(proj, cos, -sin, -cos, spec)], dim=-1)
+
+
 def mlp_jet_ref(x_rows: torch.Tensor, t_rows: torch.Tensor, params: MLPParams,
                 spec) -> torch.Tensor:
     """Output rows of the MLP for input rows, by the per-row formulas in plain torch."""
-    proj = t_rows[..., None] * params.fourier * (2 * math.pi)
-    sin, cos = torch.sin(proj[0]), torch.cos(proj[0])
-    feats = torch.cat([_jet_rule(proj, sin, cos, -sin, spec),
-                       _jet_rule(proj, cos, -sin, -cos, spec)], dim=-1)
+    feats = fourier_rows(t_rows, params.fourier, spec)
     temb = _silu_rows(_linear_rows(feats, params.temb_w, params.temb_b), spec)
     h = _linear_rows(x_rows, params.in_w, params.in_b) + temb
     for w, b, pw, pb in zip(params.hidden_w, params.hidden_b, params.proj_w, params.proj_b):
@@ -72,14 +81,22 @@ def mlp_jet_ref(x_rows: torch.Tensor, t_rows: torch.Tensor, params: MLPParams,
 
 
 # ---- eligibility and checks ------------------------------------------------------------
-def _kernels():
-    from fpkern.kernels import mlp_jet as k     # imports triton: only when a kernel runs
-    return k
+def _impl(like: torch.Tensor):
+    """The module that runs the op on `like`'s backend: the Triton kernels or the CPU one."""
+    if backend.select(like) == "triton":
+        from fpkern.kernels import mlp_jet as k     # imports triton: only when a kernel runs
+        return k
+    from fpkern.ops import mlp_jet_cpu
+    return mlp_jet_cpu
 
 
 def kernel_unsupported(x_rows: torch.Tensor, t_rows: torch.Tensor, params: MLPParams,
                        spec) -> str | None:
-    """Why the fused kernel cannot take these inputs, or None when it can (any backend)."""
+    """Why the fused op cannot take these inputs on their backend (fpkern.backend.select),
+    or None when it can."""
+    which = backend.select(x_rows)
+    if which == "torch":
+        return "no fused backend here (the torch backend runs the per-op jet rules)"
     if spec is None:
         return "collapsed rows are not contiguous"
     n1, pair_a, _, _, nc = spec
@@ -89,16 +106,24 @@ def kernel_unsupported(x_rows: torch.Tensor, t_rows: torch.Tensor, params: MLPPa
     R = x_rows.shape[0]
     if x_rows.shape[1] == 0:
         return "no samples"
-    if R != 1 + n1 + len(pair_a) + (1 if nc else 0) or R > MAX_ROWS:
-        return f"{R} rows (the kernel takes 1 + n1 + pairs (+ 1 collapsed) <= {MAX_ROWS})"
+    if R != 1 + n1 + len(pair_a) + (1 if nc else 0):
+        return f"{R} rows for a layout of 1 + n1 + pairs (+ 1 collapsed) rows"
+    tensors = (x_rows, t_rows) + params.tensors()
+    if any(p.device != x_rows.device for p in tensors):
+        return "tensors on several devices"
+    if which == "cpp":
+        if x_rows.dtype not in (torch.float32, torch.float64):
+            return f"the C++ kernels compute in float32 or float64, not {x_rows.dtype}"
+        if any(p.dtype != x_rows.dtype for p in tensors):
+            return "tensors of several dtypes"
+        return None
+    if R > MAX_ROWS:
+        return f"{R} rows (the Triton kernel takes at most {MAX_ROWS})"
     width = params.in_w.shape[0]
     if width > MAX_WIDTH:
         return f"width {width} > {MAX_WIDTH}"
-    tensors = (x_rows, t_rows) + params.tensors()
     if any(p.dtype != torch.float32 for p in tensors):
-        return "the kernel computes in float32 only"
-    if any(p.device != x_rows.device for p in tensors):
-        return "tensors on several devices"
+        return "the Triton kernel computes in float32 only"
     return None
 
 
@@ -125,9 +150,6 @@ def _check(x_rows, t_rows, params: MLPParams, spec) -> None:
     reason = kernel_unsupported(x_rows, t_rows, params, spec)
     if reason is not None:
         raise ValueError(f"mlp_jet: {reason}; use mlp_jet_ref or the per-op jet rules")
-    if not backend.available("triton", x_rows.device):
-        raise RuntimeError(f"mlp_jet runs Triton kernels, which cannot run on {x_rows.device} "
-                           "(CUDA, or CPU with TRITON_INTERPRET=1)")
 
 
 def _stacked(seq, like: torch.Tensor, shape) -> torch.Tensor:
@@ -138,6 +160,11 @@ def _stacked(seq, like: torch.Tensor, shape) -> torch.Tensor:
 
 def _contig(ts):
     return [t.contiguous() for t in ts]
+
+
+def _edge(t: torch.Tensor) -> torch.Tensor:
+    """A leaf requiring grad as a view with an autograd node of its own (_executed)."""
+    return t.view_as(t) if t.requires_grad and t.grad_fn is None else t
 
 
 # ---- torch.library registration --------------------------------------------------------
@@ -151,14 +178,14 @@ def _mlp_jet_op(x_rows: torch.Tensor, t_rows: torch.Tensor, fourier: torch.Tenso
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = _contig((x_rows, t_rows, fourier, temb_w, temb_b, in_w, in_b, hidden_w, hidden_b,
                     proj_w, proj_b, out_w, out_b))
-    return _kernels().mlp_jet_forward(*args, n1, pair_a, pair_b, c0, nc)
+    return _impl(x_rows).mlp_jet_forward(*args, n1, pair_a, pair_b, c0, nc)
 
 
 def _saved_like(x_rows, in_w, fourier, hidden_w):
-    from fpkern.kernels.mlp_jet import saved_shapes
     R, B, D = x_rows.shape
-    return [x_rows.new_empty(s) for s in saved_shapes(R, B, in_w.shape[0], fourier.shape[0], D,
-                                                      hidden_w.shape[0])]
+    shapes = _impl(x_rows).saved_shapes(R, B, in_w.shape[0], fourier.shape[0], D,
+                                        hidden_w.shape[0])
+    return [x_rows.new_empty(s) for s in shapes]
 
 
 @_mlp_jet_op.register_fake
@@ -173,15 +200,16 @@ def _mlp_jet_bwd_op(g_out: torch.Tensor, x_rows: torch.Tensor, t_rows: torch.Ten
                     hidden_w: torch.Tensor, proj_w: torch.Tensor, out_w: torch.Tensor,
                     feats: torch.Tensor, pre_t: torch.Tensor, temb: torch.Tensor,
                     pre: torch.Tensor, n1: int, pair_a: list[int], pair_b: list[int], c0: int,
-                    nc: int) -> list[torch.Tensor]:
+                    nc: int, weights: bool, time: bool) -> list[torch.Tensor]:
     args = _contig((g_out, x_rows, t_rows, fourier, temb_w, in_w, hidden_w, proj_w, out_w,
                     feats, pre_t, temb, pre))
-    return list(_kernels().mlp_jet_backward(*args, n1, pair_a, pair_b, c0, nc))
+    return list(_impl(x_rows).mlp_jet_backward(*args, n1, pair_a, pair_b, c0, nc,
+                                               weights=weights, time=time))
 
 
 @_mlp_jet_bwd_op.register_fake
 def _(g_out, x_rows, t_rows, fourier, temb_w, in_w, hidden_w, proj_w, out_w, feats, pre_t,
-      temb, pre, n1, pair_a, pair_b, c0, nc):
+      temb, pre, n1, pair_a, pair_b, c0, nc, weights, time):
     width = in_w.shape[0]
     like = [x_rows, t_rows, fourier, temb_w, temb_w.new_empty(width), in_w,
             in_w.new_empty(width), hidden_w, hidden_w.new_empty(hidden_w.shape[:2]), proj_w,
@@ -213,16 +241,37 @@ def _ref_backward(ctx, g_out, inputs):
     return result
 
 
+def _executed(ctx) -> list[bool]:
+    """Which inputs' gradients the running backward uses: needs_input_grad, less the edges
+    the engine will not execute (torch.autograd.grad for x alone skips the parameters').
+    mlp_jet gives every input requiring grad a node of its own (_edge): the engine cannot
+    answer for a leaf's during torch.autograd.grad; where it cannot, the gradient counts."""
+    need = list(ctx.needs_input_grad[:_N_TENSORS])
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)
+    edges = getattr(ctx, "next_functions", ())
+    if will_run is None or len(edges) != _N_TENSORS:
+        return need
+
+    def runs(node) -> bool:
+        try:
+            return node is None or bool(will_run(node))
+        except RuntimeError:
+            return True
+
+    return [n and runs(node) for n, (node, _) in zip(need, edges)]
+
+
 def _backward(ctx, g_out, *unused):
     saved = ctx.saved_tensors
     inputs, kept = saved[:_N_TENSORS], saved[_N_TENSORS:]
     if torch.is_grad_enabled():
         grads = _ref_backward(ctx, g_out, inputs)
     else:
+        need = _executed(ctx)
         x_rows, t_rows, f, wt, _, win, _, wh, _, wp, _, wo, _ = inputs
         grads = _mlp_jet_bwd_op(g_out.contiguous(), x_rows, t_rows, f, wt, win, wh, wp, wo,
-                                *kept, *ctx.spec)
-        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
+                                *kept, *ctx.spec, any(need[2:]), need[1])
+        grads = [g if n else None for g, n in zip(grads, need)]
     return tuple(grads) + (None,) * 5
 
 
@@ -231,8 +280,9 @@ _mlp_jet_op.register_autograd(_backward, setup_context=_setup)
 
 # ---- public function -------------------------------------------------------------------
 def mlp_jet(x_rows: torch.Tensor, t_rows: torch.Tensor, params: MLPParams, spec) -> torch.Tensor:
-    """Output rows [R, B, D] of the MLP for x rows [R, B, D] and t rows [R, B] in one fused
-    Triton launch (forward and backward); spec = Layout.kernel_spec of the rows."""
+    """Output rows [R, B, D] of the MLP for x rows [R, B, D] and t rows [R, B] as one fused
+    op (one Triton launch each way on CUDA, fpkern.ops.mlp_jet_cpu on CPU);
+    spec = Layout.kernel_spec of the rows."""
     _check(x_rows, t_rows, params, spec)
     n1, pair_a, pair_b, c0, nc = spec
     width = params.in_w.shape[0]
@@ -240,7 +290,8 @@ def mlp_jet(x_rows: torch.Tensor, t_rows: torch.Tensor, params: MLPParams, spec)
     hidden = [_stacked(s, p.in_w, shape) for s, shape in
               ((p.hidden_w, (width, width)), (p.hidden_b, (width,)),
                (p.proj_w, (width, width)), (p.proj_b, (width,)))]
-    out = _mlp_jet_op(x_rows, t_rows, p.fourier, p.temb_w, p.temb_b, p.in_w, p.in_b, *hidden,
-                      p.out_w, p.out_b, int(n1), [int(a) for a in pair_a],
+    tensors = [x_rows, t_rows, p.fourier, p.temb_w, p.temb_b, p.in_w, p.in_b, *hidden,
+               p.out_w, p.out_b]
+    out = _mlp_jet_op(*map(_edge, tensors), int(n1), [int(a) for a in pair_a],
                       [int(b) for b in pair_b], int(c0) if nc else 1, int(nc))
     return out[0]

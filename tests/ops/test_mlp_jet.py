@@ -1,6 +1,7 @@
 """The fused MLP-on-jets op (fpkern.ops.mlp_jet): reference against the per-op jet rules and
-nested jvp (float64), the Triton kernels (interpreted on CPU) against the reference, the
-Jet dispatch of fpkern.models.mlp.mlp_forward, and the fused FPE residual end to end."""
+nested jvp (float64), both implementations (the Triton kernels, interpreted on CPU, and the
+CPU one of fpkern.ops.mlp_jet_cpu) against the reference, the Jet dispatch of
+fpkern.models.mlp.mlp_forward, and the fused FPE residual end to end."""
 
 import copy
 import os
@@ -128,36 +129,103 @@ def test_reference_equals_nested_jvp(gen):
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-10, atol=1e-10)
 
 
-# ---- the Triton kernels (interpreted on CPU) against the reference -----------------------
+# ---- both implementations against the reference ------------------------------------------
 SHAPES = [   # dim, width, depth, embed_dim, B
     (3, 32, 3, 16, 5),
     (2, 20, 1, 6, 17),        # width not a power of two, one block, two programs
 ]
+# (backend, dtype, tolerance of the forward rows; gradients get 2.5x)
+IMPLS = {"triton": ("triton", torch.float32, 2e-5), "cpp": ("cpp", torch.float32, 2e-5),
+         "cpp64": ("cpp", F64, 1e-12)}
 
 
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name", ["laplacian_k1", "laplacian_k2_jc", "jvp", "collapse_mid",
                                   "projected_k1", "projected_k2", "pairs_collapse"])
-def test_kernel_matches_reference_forward_and_gradients(name, shape, gen):
+def test_kernel_matches_reference_forward_and_gradients(name, shape, impl, gen):
+    which, dtype, tol = IMPLS[impl]
     dim, width, depth, embed_dim, B = shape
     layout = LAYOUTS[name]
-    m = _net(dim, width, depth, embed_dim)
+    m = _net(dim, width, depth, embed_dim, dtype=dtype)
     m.embed.W.requires_grad_(True)          # the kernel differentiates the frequencies too
     params = _params(m)
-    x, t = _rows(layout, B, dim, gen, torch.float32, time_row=name != "jvp")
+    x, t = _rows(layout, B, dim, gen, dtype, time_row=name != "jvp")
     x1, t1 = x.clone().requires_grad_(), t.clone().requires_grad_()
     x2, t2 = x.clone().requires_grad_(), t.clone().requires_grad_()
-    with backend.use_backend("triton"):
+    with backend.use_backend(which):
         got = mj.mlp_jet(x1, t1, params, layout.kernel_spec)
     want = mj.mlp_jet_ref(x2, t2, params, layout.kernel_spec)
-    _assert_close(got, want, 2e-5, "forward rows")
-    go = torch.randn(got.shape, generator=gen)
+    _assert_close(got, want, tol, "forward rows")
+    go = torch.randn(got.shape, generator=gen, dtype=dtype)
     names = [n for n, _ in m.named_parameters()]
-    with backend.use_backend("triton"):
+    with backend.use_backend(which):
         g1 = torch.autograd.grad(got, [x1, t1] + list(m.parameters()), go)
     g2 = torch.autograd.grad(want, [x2, t2] + list(m.parameters()), go)
     for what, a, b in zip(["x rows", "t rows"] + names, g1, g2):
-        _assert_close(a, b, 5e-5, f"grad {what}")
+        _assert_close(a, b, 2.5 * tol, f"grad {what}")
+
+
+@pytest.mark.parametrize("name", ["laplacian_k1", "pairs_collapse"])
+def test_cpu_gradcheck_float64(name, gen):
+    """The CPU implementation's hand-written backward against finite differences of its own
+    forward, in float64: every input, parameters included."""
+    layout = LAYOUTS[name]
+    m = _net(2, 6, 3, 4, dtype=F64)
+    p = _params(m)
+    x, t = _rows(layout, 3, 2, gen, F64)
+    spec = layout.kernel_spec
+    flat = [x, t, p.fourier, p.temb_w, p.temb_b, p.in_w, p.in_b, torch.stack(p.hidden_w),
+            torch.stack(p.hidden_b), torch.stack(p.proj_w), torch.stack(p.proj_b), p.out_w,
+            p.out_b]
+    flat = [a.detach().clone().requires_grad_() for a in flat]
+
+    def f(xr, tr, *params):
+        return mj.mlp_jet(xr, tr, mj._params_of(params), spec)
+
+    with backend.use_backend("cpp"):
+        assert torch.autograd.gradcheck(f, tuple(flat))
+
+
+@pytest.mark.parametrize("which", ["triton", "cpp"])
+def test_reverse_pass_for_x_alone_skips_the_weight_gradients(which, gen, monkeypatch):
+    """torch.autograd.grad for x alone (the div form's value pass) runs the backward without
+    parameter gradients; asking for one parameter's, or calling backward(), runs them all and
+    gets them right."""
+    calls = []
+    real = mj._impl
+
+    def spy(like):
+        impl = real(like)
+
+        class Recorder:
+            saved_shapes = staticmethod(impl.saved_shapes)
+            mlp_jet_forward = staticmethod(impl.mlp_jet_forward)
+
+            @staticmethod
+            def mlp_jet_backward(*a, weights, time):
+                calls.append(weights)
+                return impl.mlp_jet_backward(*a, weights=weights, time=time)
+        return Recorder
+
+    monkeypatch.setattr(mj, "_impl", spy)
+    layout = LAYOUTS["projected_k1"]
+    m = _net(3, 16, 3, 8)
+    x, t = _rows(layout, 5, 3, gen, torch.float32)
+    xr = x.clone().requires_grad_()
+    with backend.use_backend(which):
+        out = mj.mlp_jet(xr, t, _params(m), layout.kernel_spec)
+        go = torch.randn(out.shape, generator=gen)
+        (gx,) = torch.autograd.grad(out, xr, go, retain_graph=True)
+        (gw,) = torch.autograd.grad(out, m.out.weight, go, retain_graph=True)
+        out.backward(go)
+    assert calls == [False, True, True]
+    xr2 = x.clone().requires_grad_()
+    want = mj.mlp_jet_ref(xr2, t, _params(m), layout.kernel_spec)
+    wx, ww = torch.autograd.grad(want, [xr2, m.out.weight], go)
+    _assert_close(gx, wx, 5e-5, "x gradient")
+    _assert_close(gw, ww, 5e-5, "out.weight gradient")
+    _assert_close(m.out.weight.grad, ww, 5e-5, "out.weight .grad")
 
 
 @pytest.mark.parametrize("name", ["laplacian_k1", "pairs_collapse"])
@@ -182,7 +250,8 @@ def test_kernel_gradcheck_float32(name, gen):
                                         fast_mode=True)
 
 
-def test_hidden_parameters_may_be_stacked(gen):
+@pytest.mark.parametrize("which", ["triton", "cpp"])
+def test_hidden_parameters_may_be_stacked(which, gen):
     """Per-block parameters as [depth - 1, ...] tensors give the same rows."""
     m = _net(3, 16, 3, 8)
     p = _params(m)
@@ -190,7 +259,7 @@ def test_hidden_parameters_may_be_stacked(gen):
                             ("hidden_w", "hidden_b", "proj_w", "proj_b")})
     layout = LAYOUTS["laplacian_k1"]
     x, t = _rows(layout, 5, 3, gen, torch.float32)
-    with backend.use_backend("triton"):
+    with backend.use_backend(which):
         a = mj.mlp_jet(x, t, p, layout.kernel_spec)
         b = mj.mlp_jet(x, t, stacked, layout.kernel_spec)
     torch.testing.assert_close(a, b)
@@ -198,7 +267,8 @@ def test_hidden_parameters_may_be_stacked(gen):
                                mj.mlp_jet_ref(x, t, p, layout.kernel_spec))
 
 
-def test_double_backward_goes_through_the_reference(gen):
+@pytest.mark.parametrize("which", ["triton", "cpp"])
+def test_double_backward_goes_through_the_reference(which, gen):
     """create_graph=True (the div form): gradients of gradients match the reference's."""
     layout = LAYOUTS["div_k2"]
     m = _net(3, 16, 2, 8)
@@ -211,7 +281,7 @@ def test_double_backward_goes_through_the_reference(gen):
         (gx,) = torch.autograd.grad((out[1:] * out[:1]).sum(), xr, create_graph=True)
         return torch.autograd.grad((gx[0] ** 2).sum(), [p for p in m.parameters() if p.requires_grad])
 
-    with backend.use_backend("triton"):
+    with backend.use_backend(which):
         got = loss(mj.mlp_jet)
     want = loss(mj.mlp_jet_ref)
     for a, b in zip(got, want):
@@ -230,20 +300,34 @@ def test_input_checks(gen):
             mj.mlp_jet(x.double(), t.double(), _params(copy.deepcopy(m).double()), spec)
         with pytest.raises(ValueError, match="params.in_w has shape"):
             mj.mlp_jet(x[..., :2], t, _params(m), spec)
+    with backend.use_backend("cpp"):
+        with pytest.raises(ValueError, match="float32 or float64"):
+            mj.mlp_jet(x.half(), t.half(), _params(copy.deepcopy(m).half()), spec)
+        with pytest.raises(ValueError, match="several dtypes"):
+            mj.mlp_jet(x.double(), t.double(), _params(m), spec)
+    with backend.use_backend("torch"):
+        with pytest.raises(ValueError, match="no fused backend"):
+            mj.mlp_jet(x, t, _params(m), spec)
     pairs = LAYOUTS["pairs_collapse"]
     x, t = _rows(pairs, 5, 3, gen, torch.float32)
-    assert mj.kernel_unsupported(x, t, _params(m), pairs.kernel_spec) is None
-    assert "6 rows" in mj.kernel_unsupported(x[:6], t[:6], _params(m), pairs.kernel_spec)
     wide = _net(3, 257, 1, 8)
-    x, t = _rows(layout, 2, 3, gen, torch.float32)
-    assert "width 257" in mj.kernel_unsupported(x, t, _params(wide), spec)
     big = Layout(n1=8, collapse=(1, 2))
-    x, t = _rows(big, 2, 3, gen, torch.float32)
-    assert "rows" in mj.kernel_unsupported(x, t, _params(m), big.kernel_spec)
+    xb, tb = _rows(big, 2, 3, gen, torch.float32)
+    for which in ("triton", "cpp"):
+        with backend.use_backend(which):
+            assert mj.kernel_unsupported(x, t, _params(m), pairs.kernel_spec) is None
+            assert "6 rows" in mj.kernel_unsupported(x[:6], t[:6], _params(m), pairs.kernel_spec)
+    with backend.use_backend("triton"):       # the Triton kernel's limits, not the CPU one's
+        assert "width 257" in mj.kernel_unsupported(x, t, _params(wide), pairs.kernel_spec)
+        assert "10 rows" in mj.kernel_unsupported(xb, tb, _params(m), big.kernel_spec)
+    with backend.use_backend("cpp"):
+        assert mj.kernel_unsupported(x, t, _params(wide), pairs.kernel_spec) is None
+        assert mj.kernel_unsupported(xb, tb, _params(m), big.kernel_spec) is None
 
 
+@pytest.mark.parametrize("which", ["triton", "cpp"])
 @pytest.mark.parametrize("name", ["laplacian_k1", "pairs_collapse"])
-def test_opcheck(name, gen):
+def test_opcheck(name, which, gen):
     layout = LAYOUTS[name]
     n1, pair_a, pair_b, c0, nc = layout.kernel_spec
     m = _net(3, 16, 2, 8)
@@ -276,6 +360,9 @@ def kernel_calls(monkeypatch):
     ("triton", F64, LAYOUTS["laplacian_k1"], False),
     ("triton", torch.float32, Layout(n1=2, pairs=((1, 2),)), True),
     ("triton", torch.float32, Layout(n1=5, pairs=((1, 5), (2, 5), (3, 5))), False),   # 9 rows
+    ("cpp", torch.float32, LAYOUTS["laplacian_k1"], True),
+    ("cpp", F64, LAYOUTS["pairs_collapse"], True),
+    ("cpp", torch.float32, Layout(n1=5, pairs=((1, 5), (2, 5), (3, 5))), True),
 ])
 def test_jet_dispatch_picks_the_kernel_only_where_it_applies(which, dtype, layout, fused,
                                                               kernel_calls, gen):
@@ -308,10 +395,11 @@ def test_plain_tensors_and_state_dict_unchanged(kernel_calls):
     assert not kernel_calls
 
 
+@pytest.mark.parametrize("which", ["triton", "cpp"])
 @pytest.mark.parametrize("form", ["laplacian", "div", "projected"])
-def test_fused_residual_same_with_triton_and_torch(form, kernel_calls, gen):
-    """Same value and parameter gradients. The div form's value runs the kernel (forward
-    and backward), and so does its gradient's recomputed pass, whose rows include the mixed
+def test_fused_residual_same_with_the_op_and_the_per_op_rules(form, which, kernel_calls, gen):
+    """Same value and parameter gradients. The div form's value runs the op (forward and
+    backward), and so does its gradient's recomputed pass, whose rows include the mixed
     pairs (fpkern.ops.fused_div); the projected estimator u . r is one pass with pair rows."""
     sde = VPSDE()
     m = _net(3, 32, 3, 16)
@@ -334,11 +422,11 @@ def test_fused_residual_same_with_triton_and_torch(form, kernel_calls, gen):
 
     r_torch, g_torch = run("torch")
     assert not kernel_calls
-    r_triton, g_triton = run("triton")
+    r_op, g_op = run(which)
     # laplacian without a known score: the jet pass and the J c pass
     assert len(kernel_calls) == {"laplacian": 2, "div": 2, "projected": 1}[form]
-    _assert_close(r_triton, r_torch, 1e-5, "residual")
-    for name, a, b in zip(names, g_triton, g_torch):
+    _assert_close(r_op, r_torch, 1e-5, "residual")
+    for name, a, b in zip(names, g_op, g_torch):
         _assert_close(a, b, 1e-4, f"grad {name}")
 
 
@@ -364,11 +452,13 @@ def test_kernels_compile_for_sm90():
         c = k.config(6, 7, 48, 4, 3); c.pop("Bp")
         consts = dict(WIDTH=48, NL=1, R=6, N1=3, NP=1, PA=k.pack_rows([1]), PB=k.pack_rows([3]),
                       C0=1, NC=2, PREC="tf32x3", **c)
-        for fn in (k._mlp_jet_fwd_kernel, k._mlp_jet_bwd_kernel):
+        for fn, extra in ((k._mlp_jet_fwd_kernel, {}), (k._mlp_jet_bwd_kernel, {"WEIGHTS": True}),
+                          (k._mlp_jet_bwd_kernel, {"WEIGHTS": False})):
             names = inspect.signature(fn.fn).parameters
-            sig = {n: "constexpr" if n in consts else "*fp32" if n.endswith("_ptr") else "i32"
+            cs = dict(consts, **extra)
+            sig = {n: "constexpr" if n in cs else "*fp32" if n.endswith("_ptr") else "i32"
                    for n in names}
-            src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+            src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cs)
             out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
             assert "cubin" in out.asm
     """)
