@@ -1,7 +1,7 @@
 """Triton kernels: the MLP score network (fpkern.models.mlp) on jets, the whole network per launch.
 
 Rows (fpkern.jet.tensor): 0 the value, 1 .. N1 first order, then NP mixed pair rows
-d^2/(de_a de_b) (pair q: a = PA_q, b = PB_q, two compile-time ints of 3-bit indices, see
+d^2/(de_a de_b) (pair q: a = PA_q, b = PB_q, two compile-time ints of 4-bit indices, see
 pack_rows; the projected div-form pass has these), then (NC > 0) one collapsed row averaging
 d^2 over rows C0 .. C0 + NC - 1.
 
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_B = 16        # samples per program
+BLOCK_B = 16        # samples per program (8 for more than 8 rows: RP * BB = 128 either way)
 _BLOCK_N = 32       # GEMM tile along N and K
 _NUM_WARPS = 8
 
@@ -80,8 +80,8 @@ def _act_fwd(src, dst, row0, b0, Bp, C: tl.constexpr, N1: tl.constexpr, NP: tl.c
                     msq += hr * hr
         for j in tl.static_range(NP):
             hq = tl.load(src + _tile(row0, Bp, 1 + N1 + j, b0, c0, C, BB, BC))
-            ha = tl.load(src + _tile(row0, Bp, (PA >> (3 * j)) & 7, b0, c0, C, BB, BC))
-            hb = tl.load(src + _tile(row0, Bp, (PB >> (3 * j)) & 7, b0, c0, C, BB, BC))
+            ha = tl.load(src + _tile(row0, Bp, (PA >> (4 * j)) & 15, b0, c0, C, BB, BC))
+            hb = tl.load(src + _tile(row0, Bp, (PB >> (4 * j)) & 15, b0, c0, C, BB, BC))
             tl.store(dst + _tile(0, Bp, 1 + N1 + j, b0, c0, C, BB, BC), d1 * hq + d2 * ha * hb)
         if NC > 0:
             hz = tl.load(src + _tile(row0, Bp, 1 + N1 + NP, b0, c0, C, BB, BC))
@@ -130,14 +130,14 @@ def _act_bwd(g, g2, h, dh, row0, b0, Bp, C: tl.constexpr, N1: tl.constexpr, NP: 
             dh0 += d2 * gr * hr
             dhr = d1 * gr
             for j in tl.static_range(NP):
-                if ((PA >> (3 * j)) & 7) == r:
+                if ((PA >> (4 * j)) & 15) == r:
                     dhr += d2 * _gload(g, g2, _tile(0, Bp, 1 + N1 + j, b0, c0, C, BB, BC),
                                        HAS_G2) * tl.load(
-                        h + _tile(row0, Bp, (PB >> (3 * j)) & 7, b0, c0, C, BB, BC))
-                if ((PB >> (3 * j)) & 7) == r:
+                        h + _tile(row0, Bp, (PB >> (4 * j)) & 15, b0, c0, C, BB, BC))
+                if ((PB >> (4 * j)) & 15) == r:
                     dhr += d2 * _gload(g, g2, _tile(0, Bp, 1 + N1 + j, b0, c0, C, BB, BC),
                                        HAS_G2) * tl.load(
-                        h + _tile(row0, Bp, (PA >> (3 * j)) & 7, b0, c0, C, BB, BC))
+                        h + _tile(row0, Bp, (PA >> (4 * j)) & 15, b0, c0, C, BB, BC))
             if r >= C0:
                 if r < C0 + NC:
                     dhr += (2.0 / NC) * d2 * gz * hr
@@ -147,8 +147,8 @@ def _act_bwd(g, g2, h, dh, row0, b0, Bp, C: tl.constexpr, N1: tl.constexpr, NP: 
             oq = _tile(0, Bp, 1 + N1 + j, b0, c0, C, BB, BC)
             gq = _gload(g, g2, oq, HAS_G2)
             hq = tl.load(h + _tile(row0, Bp, 1 + N1 + j, b0, c0, C, BB, BC))
-            ha = tl.load(h + _tile(row0, Bp, (PA >> (3 * j)) & 7, b0, c0, C, BB, BC))
-            hb = tl.load(h + _tile(row0, Bp, (PB >> (3 * j)) & 7, b0, c0, C, BB, BC))
+            ha = tl.load(h + _tile(row0, Bp, (PA >> (4 * j)) & 15, b0, c0, C, BB, BC))
+            hb = tl.load(h + _tile(row0, Bp, (PB >> (4 * j)) & 15, b0, c0, C, BB, BC))
             dh0 += gq * (d2 * hq + d3 * ha * hb)
             tl.store(dh + oq, d1 * gq)
         if NC > 0:
@@ -197,8 +197,8 @@ def _fourier_fwd(t_ptr, wf_ptr, f_ptr, b0, B, Bp, E, N1: tl.constexpr, NP: tl.co
                 msq += pr * pr
     for q in tl.static_range(NP):
         _, pq = _trow(t_ptr, 1 + N1 + q, B, i, i_ok, w)
-        _, pa = _trow(t_ptr, (PA >> (3 * q)) & 7, B, i, i_ok, w)
-        _, pb = _trow(t_ptr, (PB >> (3 * q)) & 7, B, i, i_ok, w)
+        _, pa = _trow(t_ptr, (PA >> (4 * q)) & 15, B, i, i_ok, w)
+        _, pb = _trow(t_ptr, (PB >> (4 * q)) & 15, B, i, i_ok, w)
         tl.store(f_ptr + _tile(0, Bp, 1 + N1 + q, b0, 0, EP, BB, EP), d1 * pq + d2 * pa * pb)
     if NC > 0:
         _, pz = _trow(t_ptr, 1 + N1 + NP, B, i, i_ok, w)
@@ -232,11 +232,11 @@ def _fourier_bwd(t_ptr, wf_ptr, gf_ptr, dt_ptr, dwf_ptr, b0, B, Bp, E, N1: tl.co
         dp0 += d2 * gr * pr
         dpr = d1 * gr
         for q in tl.static_range(NP):
-            if ((PA >> (3 * q)) & 7) == r:
-                _, pb = _trow(t_ptr, (PB >> (3 * q)) & 7, B, i, i_ok, w)
+            if ((PA >> (4 * q)) & 15) == r:
+                _, pb = _trow(t_ptr, (PB >> (4 * q)) & 15, B, i, i_ok, w)
                 dpr += d2 * pb * tl.load(gf_ptr + _tile(0, Bp, 1 + N1 + q, b0, 0, EP, BB, EP))
-            if ((PB >> (3 * q)) & 7) == r:
-                _, pa = _trow(t_ptr, (PA >> (3 * q)) & 7, B, i, i_ok, w)
+            if ((PB >> (4 * q)) & 15) == r:
+                _, pa = _trow(t_ptr, (PA >> (4 * q)) & 15, B, i, i_ok, w)
                 dpr += d2 * pa * tl.load(gf_ptr + _tile(0, Bp, 1 + N1 + q, b0, 0, EP, BB, EP))
         if r >= C0:
             if r < C0 + NC:
@@ -247,8 +247,8 @@ def _fourier_bwd(t_ptr, wf_ptr, gf_ptr, dt_ptr, dwf_ptr, b0, B, Bp, E, N1: tl.co
         acc_w += dpr * tr[:, None]
     for q in tl.static_range(NP):
         tq, pq = _trow(t_ptr, 1 + N1 + q, B, i, i_ok, w)
-        _, pa = _trow(t_ptr, (PA >> (3 * q)) & 7, B, i, i_ok, w)
-        _, pb = _trow(t_ptr, (PB >> (3 * q)) & 7, B, i, i_ok, w)
+        _, pa = _trow(t_ptr, (PA >> (4 * q)) & 15, B, i, i_ok, w)
+        _, pb = _trow(t_ptr, (PB >> (4 * q)) & 15, B, i, i_ok, w)
         gq = tl.load(gf_ptr + _tile(0, Bp, 1 + N1 + q, b0, 0, EP, BB, EP))
         dp0 += gq * (d2 * pq + d3 * pa * pb)
         dpq = d1 * gq
@@ -499,9 +499,11 @@ def _pad(n: int) -> int:
 def config(R: int, B: int, width: int, E: int, D: int) -> dict:
     """Block sizes and padded extents for R rows of B samples."""
     WP, EP, DP = _pad(width), _pad(2 * E), _pad(D)
-    return dict(BB=BLOCK_B, RP=triton.next_power_of_2(R), WP=WP, EP=EP, DP=DP,
+    RP = triton.next_power_of_2(R)
+    BB = BLOCK_B if RP <= 8 else BLOCK_B * 8 // RP
+    return dict(BB=BB, RP=RP, WP=WP, EP=EP, DP=DP,
                 BW=min(_BLOCK_N, WP), BE=min(_BLOCK_N, EP), BD=min(_BLOCK_N, DP),
-                Bp=triton.cdiv(B, BLOCK_B) * BLOCK_B)
+                Bp=triton.cdiv(B, BB) * BB)
 
 
 def saved_shapes(R: int, B: int, width: int, E: int, D: int, layers: int):
@@ -512,13 +514,13 @@ def saved_shapes(R: int, B: int, width: int, E: int, D: int, layers: int):
 
 
 def pack_rows(rows) -> int:
-    """Row indices (each < 8) as one compile-time int, 3 bits each: the kernels read index j
-    as (P >> 3 j) & 7."""
+    """Row indices (each < 16) as one compile-time int, 4 bits each: the kernels read index j
+    as (P >> 4 j) & 15."""
     packed = 0
     for j, r in enumerate(rows):
-        if not 0 <= int(r) < 8:
-            raise ValueError(f"row index {r} does not fit the kernels' 3-bit packing")
-        packed |= int(r) << (3 * j)
+        if not 0 <= int(r) < 16:
+            raise ValueError(f"row index {r} does not fit the kernels' 4-bit packing")
+        packed |= int(r) << (4 * j)
     return packed
 
 

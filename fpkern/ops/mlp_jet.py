@@ -11,8 +11,8 @@ phi''(h0) mean_k h_k^2).
 `mlp_jet_ref` is the plain-torch reference (any layout, any dtype, differentiable). The op
 runs, by fpkern.backend:
   - triton (CUDA, or CPU under TRITON_INTERPRET=1): the whole-network kernels of
-    fpkern/kernels/mlp_jet.py, for float32, width <= 256 and at most 8 rows, pair rows
-    included (the projected div-form pass for K <= 2 probes);
+    fpkern/kernels/mlp_jet.py, for float32, width <= 256 and at most 16 rows, pair rows
+    included (the projected div-form pass for K <= 6 probes);
   - cpp (CPU): fpkern/ops/mlp_jet_cpu.py, the same algorithm with torch GEMMs over all rows
     and the C++ activation jet kernels, float32 or float64, any width and row count.
 `kernel_unsupported` says why a call cannot use it. The backward runs the backend's backward,
@@ -33,7 +33,7 @@ from fpkern.models.mlp import MLPParams
 __all__ = ["mlp_jet", "mlp_jet_ref", "kernel_unsupported"]
 
 MAX_WIDTH = 256       # the Triton kernels; wider networks: the per-op jet rules
-MAX_ROWS = 8
+MAX_ROWS = 16        # the Triton kernels (4-bit row indices)
 _N_TENSORS = 13       # x_rows, t_rows and the 11 parameter tensors of the op
 
 

@@ -33,6 +33,7 @@ LAYOUTS = {
     "projected_k1": Layout(n1=3, pairs=((1, 2),)),               # x, v, u, time, (v, u)
     "projected_k2": Layout(n1=4, pairs=((1, 3), (2, 3))),        # x, v1, v2, u, time, pairs
     "pairs_collapse": Layout(n1=3, pairs=((1, 3), (2, 2)), collapse=(1, 2)),
+    "projected_k4": Layout(n1=6, pairs=tuple((k, 5) for k in range(1, 5))),   # 11 rows
 }
 
 
@@ -142,7 +143,8 @@ IMPLS = {"triton": ("triton", torch.float32, 2e-5), "cpp": ("cpp", torch.float32
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name", ["laplacian_k1", "laplacian_k2_jc", "jvp", "collapse_mid",
-                                  "projected_k1", "projected_k2", "pairs_collapse"])
+                                  "projected_k1", "projected_k2", "pairs_collapse",
+                                  "projected_k4"])
 def test_kernel_matches_reference_forward_and_gradients(name, shape, impl, gen):
     which, dtype, tol = IMPLS[impl]
     dim, width, depth, embed_dim, B = shape
@@ -311,7 +313,7 @@ def test_input_checks(gen):
     pairs = LAYOUTS["pairs_collapse"]
     x, t = _rows(pairs, 5, 3, gen, torch.float32)
     wide = _net(3, 257, 1, 8)
-    big = Layout(n1=8, collapse=(1, 2))
+    big = Layout(n1=15, collapse=(1, 2))
     xb, tb = _rows(big, 2, 3, gen, torch.float32)
     for which in ("triton", "cpp"):
         with backend.use_backend(which):
@@ -319,7 +321,7 @@ def test_input_checks(gen):
             assert "6 rows" in mj.kernel_unsupported(x[:6], t[:6], _params(m), pairs.kernel_spec)
     with backend.use_backend("triton"):       # the Triton kernel's limits, not the CPU one's
         assert "width 257" in mj.kernel_unsupported(x, t, _params(wide), pairs.kernel_spec)
-        assert "10 rows" in mj.kernel_unsupported(xb, tb, _params(m), big.kernel_spec)
+        assert "17 rows" in mj.kernel_unsupported(xb, tb, _params(m), big.kernel_spec)
     with backend.use_backend("cpp"):
         assert mj.kernel_unsupported(x, t, _params(wide), pairs.kernel_spec) is None
         assert mj.kernel_unsupported(xb, tb, _params(m), big.kernel_spec) is None
@@ -359,10 +361,11 @@ def kernel_calls(monkeypatch):
     ("torch", torch.float32, LAYOUTS["laplacian_k1"], False),
     ("triton", F64, LAYOUTS["laplacian_k1"], False),
     ("triton", torch.float32, Layout(n1=2, pairs=((1, 2),)), True),
-    ("triton", torch.float32, Layout(n1=5, pairs=((1, 5), (2, 5), (3, 5))), False),   # 9 rows
+    ("triton", torch.float32, LAYOUTS["projected_k4"], True),
+    ("triton", torch.float32, Layout(n1=14, pairs=((1, 2), (3, 4))), False),   # 17 rows
     ("cpp", torch.float32, LAYOUTS["laplacian_k1"], True),
     ("cpp", F64, LAYOUTS["pairs_collapse"], True),
-    ("cpp", torch.float32, Layout(n1=5, pairs=((1, 5), (2, 5), (3, 5))), True),
+    ("cpp", torch.float32, Layout(n1=14, pairs=((1, 2), (3, 4))), True),
 ])
 def test_jet_dispatch_picks_the_kernel_only_where_it_applies(which, dtype, layout, fused,
                                                               kernel_calls, gen):
@@ -449,13 +452,17 @@ def test_kernels_compile_for_sm90():
         import triton
         from triton.backends.compiler import GPUTarget
         from fpkern.kernels import mlp_jet as k
-        c = k.config(6, 7, 48, 4, 3); c.pop("Bp")
-        consts = dict(WIDTH=48, NL=1, R=6, N1=3, NP=1, PA=k.pack_rows([1]), PB=k.pack_rows([3]),
-                      C0=1, NC=2, PREC="tf32x3", **c)
-        for fn, extra in ((k._mlp_jet_fwd_kernel, {}), (k._mlp_jet_bwd_kernel, {"WEIGHTS": True}),
-                          (k._mlp_jet_bwd_kernel, {"WEIGHTS": False})):
+        def consts(R, N1, pa, pb, NC):
+            c = k.config(R, 7, 48, 4, 3); c.pop("Bp")
+            return dict(WIDTH=48, NL=1, R=R, N1=N1, NP=len(pa), PA=k.pack_rows(pa),
+                        PB=k.pack_rows(pb), C0=1, NC=NC, PREC="tf32x3", **c)
+        six = consts(6, 3, [1], [3], 2)                 # pairs and a collapsed row
+        eleven = consts(11, 6, [1, 2, 3, 4], [5] * 4, 0)   # the projected pass for K = 4
+        for fn, cs in ((k._mlp_jet_fwd_kernel, six), (k._mlp_jet_bwd_kernel, six),
+                       (k._mlp_jet_bwd_kernel, dict(six, WEIGHTS=False)),
+                       (k._mlp_jet_fwd_kernel, eleven), (k._mlp_jet_bwd_kernel, eleven)):
+            cs = dict({"WEIGHTS": True}, **cs) if fn is k._mlp_jet_bwd_kernel else cs
             names = inspect.signature(fn.fn).parameters
-            cs = dict(consts, **extra)
             sig = {n: "constexpr" if n in cs else "*fp32" if n.endswith("_ptr") else "i32"
                    for n in names}
             src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cs)
