@@ -191,10 +191,19 @@ def _getitem(func, args, kwargs):
 _register(["permute", "transpose", "flatten", "unflatten", "unsqueeze",
            "squeeze", "contiguous", "clone", "expand", "expand_as", "repeat",
            "narrow", "flip", "roll", "chunk", "split", "unbind", "movedim",
-           "swapaxes", "t", "neg", "__neg__", "negative", "diagonal", "trace", "cumsum",
-           "pixel_shuffle", "pixel_unshuffle", "tile", "squeeze_",
-           "float", "double", "half", "bfloat16", "type", "avg_pool2d",
-           "interpolate", "upsample", "adaptive_avg_pool2d", "positive", "real"])(_linear)
+           "swapaxes", "t", "diagonal", "trace", "cumsum",
+           "pixel_shuffle", "pixel_unshuffle", "tile", "squeeze_", "type", "avg_pool2d",
+           "interpolate", "upsample", "adaptive_avg_pool2d", "real"])(_linear)
+
+
+@_register(["neg", "__neg__", "negative", "positive", "float", "double", "half", "bfloat16"],
+           modules=(torch, torch.Tensor))
+def _elementwise_linear(func, args, kwargs):
+    """Linear maps acting on each element alike (negation, dtype casts): on the row stack
+    in one call, no vmap (ScoreFn negates the network's output on every pass)."""
+    if len(args) != 1 or kwargs:
+        return _linear(func, args, kwargs)
+    return _wrap(func(args[0].rows), args[0].layout)
 
 
 # transposing properties: linear maps, not metadata (other properties stay value-only)
@@ -207,9 +216,14 @@ def _like(func, args, kwargs):
     """Ops whose later arguments only lend a dtype, device or shape: those never carry rows."""
     flat, spec = tree_flatten((args[1:], kwargs))
     rest, kw = tree_unflatten([_value(a) if isinstance(a, Jet) else a for a in flat], spec)
-    if not isinstance(args[0], Jet):
-        return func(args[0], *rest, **kw)     # a constant converted like a Jet: still constant
-    return _linear(func, (args[0],) + tuple(rest), kw)
+    x = args[0]
+    if not isinstance(x, Jet):
+        return func(x, *rest, **kw)           # a constant converted like a Jet: still constant
+    if func in (torch.Tensor.to, torch.Tensor.type_as) and "memory_format" not in kw:
+        # a dtype or device conversion acts on each element alike: on the row stack at once
+        # (ScoreFn converts t and sigma(t) on every pass; vmap cost ~0.3 ms a call)
+        return _wrap(func(x.rows, *rest, **kw), x.layout)
+    return _linear(func, (x,) + tuple(rest), kw)
 
 
 @_register(["pad"])

@@ -58,6 +58,8 @@ COMPOSITE = {
     "cat_const": lambda x: torch.cat([x, torch.ones_like(x)[:, :1] * 3, torch.sin(x)], dim=1),
     "reshape_reduce": lambda x: x.reshape(x.shape[0], 2, 2).permute(0, 2, 1).flatten(1).mean(-1),
     "to_like": lambda x: x * torch.linspace(0, 1, 4).to(x),
+    "jet_to": lambda x: torch.sin(x).to(torch.float64) * x.type_as(x).to("cpu", torch.float64),
+    "jet_casts": lambda x: torch.positive(torch.cos(x)).double() - torch.negative(x * x),
     "conv": lambda x: F.conv2d(torch.tanh(x.reshape(-1, 2, 2, 1).expand(-1, 2, 2, 3)), CONV,
                                torch.ones(3, dtype=F64), padding=1).flatten(1),
     "group_norm": lambda x: F.group_norm(torch.cat([x, torch.sin(3 * x)], -1).reshape(-1, 4, 2, 1),
