@@ -2,7 +2,8 @@
 
 Every benchmark records (case, provider, mode) -> median and minimum seconds and peak bytes
 in RESULTS; the terminal summary prints the ratios the engine issue tracks, and
-`--bench-json PATH` writes everything as data with the command, device and commit. Ratios
+`--bench-json PATH` writes everything as data with the command, device and commit (after
+every group too, marked incomplete, so that a run cut short keeps what it measured). Ratios
 use the minimum over rounds (T): on a shared or virtual machine the noise only ever adds
 time. Providers that a ratio compares are timed together (`record_group`): each round runs
 every provider once, in an order that rotates, so that a slow phase of the machine lands on
@@ -94,7 +95,7 @@ class PeakMemory:
 
 
 @pytest.fixture
-def record_group(benchmark):
+def record_group(benchmark, request):
     """Times the providers of one (case, mode) together: `fns` maps provider -> a call that
     runs (and synchronises) one step. Peak memory comes from one untimed call of each (also
     its warm-up); then each round runs every provider once, starting from a provider that
@@ -129,6 +130,9 @@ def record_group(benchmark):
             ts = times[n][1:]                       # without the warm-up round
             RESULTS.append(dict(case=case, provider=n, mode=mode, peak_bytes=peaks[n],
                                 median_s=statistics.median(ts), min_s=min(ts), **extra))
+        path = request.config.getoption("--bench-json")
+        if path:            # after every group: a run cut short keeps what it measured
+            _write_json(path, complete=False)
     return _record
 
 
@@ -187,6 +191,25 @@ def _bandwidth():
     return out
 
 
+def _write_json(path: str, complete: bool) -> None:
+    """RESULTS and the ratios as JSON, atomically (a temporary file renamed over `path`);
+    `complete` is False while the suite still runs."""
+    rows, steps = _ratios()
+    data = dict(command=" ".join(sys.argv), device=_device_name(), commit=_commit(),
+                torch=torch.__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                complete=complete, results=RESULTS,
+                ratios=[dict(case=c, mode=m, provider=p, speedup=x, memory_ratio=mm)
+                        for c, m, p, x, mm in rows],
+                train_step_over_dsm=[dict(case=c, provider=p, ratio=x, fp_term_speedup=fp)
+                                     for c, p, x, fp in steps],
+                bandwidth=[dict(case=c, provider=p, gb_per_s=g, of_copy=f)
+                           for c, p, g, f in _bandwidth()])
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+    os.replace(tmp, path)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not RESULTS:
         return
@@ -212,15 +235,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line(f"{case:<34}{prov:<12}{gbs:>10.1f}{frac:>19.0%}")
     path = config.getoption("--bench-json")
     if path:
-        with open(path, "w") as fh:
-            json.dump(dict(command=" ".join(sys.argv), device=_device_name(), commit=_commit(),
-                           torch=torch.__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                           results=RESULTS,
-                           ratios=[dict(case=c, mode=m, provider=p, speedup=s, memory_ratio=mm)
-                                   for c, m, p, s, mm in rows],
-                           train_step_over_dsm=[dict(case=c, provider=p, ratio=x,
-                                                     fp_term_speedup=fp)
-                                                for c, p, x, fp in steps],
-                           bandwidth=[dict(case=c, provider=p, gb_per_s=g, of_copy=f)
-                                      for c, p, g, f in kernels]), fh, indent=1)
+        _write_json(path, complete=True)
         tr.write_line(f"results written to {path}")

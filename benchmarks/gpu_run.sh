@@ -4,7 +4,12 @@
 #
 #   bash benchmarks/gpu_run.sh test  <commit>   # install, versions, the whole test suite
 #                                               # (Triton kernels compiled for the GPU)
-#   bash benchmarks/gpu_run.sh bench <commit>   # install, the benchmark suite -> JSON
+#   bash benchmarks/gpu_run.sh bench <commit> [EXPR]   # install, the benchmark suite -> JSON
+#
+# EXPR, a pytest -k expression, runs part of the suite ("mlp", "not mlp") when the whole
+# does not fit one call; the JSON's name then ends in it. The suite stops after
+# BENCH_SECONDS (default 480) so that the call ends within the tool's 600 s; its JSON,
+# written after every benchmark group, keeps what was measured (marked "complete": false).
 #
 # <commit> is `git rev-parse --short HEAD` here; it names the results file. Results land in
 # $OUT (the device tool's folder) or benchmarks/results; commit the JSON with its command.
@@ -37,10 +42,15 @@ case "$what" in
     ;;
   bench)
     gpu=$($py -c "import re, torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print(re.sub('[^a-z0-9]+', '-', n.lower()).strip('-'))")
-    $py -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
-        --bench-json "$out/$gpu-$FPKERN_COMMIT.json" 2>&1 | tee "$out/bench-$FPKERN_COMMIT.log" \
-        | sed -n '/fpkern ratios/,$p'
-    $py -m benchmarks.plot "$out/$gpu-$FPKERN_COMMIT.json"
+    sel=${3:-}
+    part=""
+    if [ -n "$sel" ]; then part="-$(printf '%s' "$sel" | tr -cs 'a-zA-Z0-9' '-')"; fi
+    name="$gpu-$FPKERN_COMMIT$part"
+    timeout "${BENCH_SECONDS:-480}" $py -m pytest benchmarks/ --benchmark-only -q \
+        -p no:cacheprovider ${sel:+-k "$sel"} --bench-json "$out/$name.json" 2>&1 \
+        | tee "$out/bench-$name.log" | sed -n '/fpkern ratios/,$p' \
+        || echo "the suite stopped early (time budget or a failure): see $out/bench-$name.log"
+    if [ -f "$out/$name.json" ]; then $py -m benchmarks.plot "$out/$name.json" || true; fi
     ;;
   *)
     echo "unknown step $what (test or bench)" >&2
