@@ -189,6 +189,48 @@ def test_cpu_gradcheck_float64(name, gen):
         assert torch.autograd.gradcheck(f, tuple(flat))
 
 
+# t rows as the fused passes build them: None is t itself, numbers are constant rows
+PASS_T_ROWS = {
+    "projected": (LAYOUTS["projected_k1"], [None, 0, 0, 1, 0], [0, 3]),
+    "laplacian_transport": (Layout(n1=2, collapse=(1,)), [None, 0, 1, 0], [0, 2]),
+    "div_value": (Layout(n1=2), [None, 0, 1], [0, 2]),
+    "pairs_collapse": (LAYOUTS["pairs_collapse"], [None, 0, 0, 1, 0, 0, 0], [0, 3]),
+    "pair_of_live_rows": (Layout(n1=3, pairs=((3, 3),)), [None, 0, 0, 1, 0], [0, 3, 4]),
+    "all_live": (LAYOUTS["laplacian_k1"], [None, 0.5, 1, 0], None),
+}
+
+
+@pytest.mark.parametrize("t_grad", [False, True], ids=["t_const", "t_grad"])
+@pytest.mark.parametrize("name", list(PASS_T_ROWS))
+def test_cpu_op_skips_the_zero_rows_of_the_time_embedding_exactly(name, t_grad, gen):
+    """Where the t rows are zero (the probe rows of every fused pass) the time embedding's
+    rows are zero by structure; the CPU op leaves them out of the projection GEMMs. Float64
+    values and every gradient (t's too, which those rows do reach) equal the reference's."""
+    from fpkern.ops import mlp_jet_cpu
+    layout, spec_rows, live = PASS_T_ROWS[name]
+    B = 5
+    t = torch.stack([torch.rand(B, generator=gen, dtype=F64) * 0.9 + 0.05 if v is None
+                     else torch.full((B,), float(v), dtype=F64) for v in spec_rows])
+    assert mlp_jet_cpu._live_rows(t, layout.kernel_spec) == live
+    m = _net(3, 16, 3, 8, dtype=F64)
+    m.embed.W.requires_grad_(True)
+    x = torch.randn(layout.rows, B, 3, generator=gen, dtype=F64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    t1, t2 = t.clone().requires_grad_(t_grad), t.clone().requires_grad_(t_grad)
+    with backend.use_backend("cpp"):
+        got = mj.mlp_jet(x1, t1, _params(m), layout.kernel_spec)
+    want = mj.mlp_jet_ref(x2, t2, _params(m), layout.kernel_spec)
+    _assert_close(got, want, 1e-12, "rows")
+    go = torch.randn(got.shape, generator=gen, dtype=F64)
+    extra = [t1] if t_grad else []
+    with backend.use_backend("cpp"):
+        g1 = torch.autograd.grad(got, [x1] + extra + list(m.parameters()), go)
+    g2 = torch.autograd.grad(want, [x2] + ([t2] if t_grad else []) + list(m.parameters()), go)
+    names = ["x rows"] + (["t rows"] if t_grad else []) + [n for n, _ in m.named_parameters()]
+    for what, a, b in zip(names, g1, g2):
+        _assert_close(a, b, 1e-11, f"grad {what}")
+
+
 @pytest.mark.parametrize("which", ["triton", "cpp"])
 def test_reverse_pass_for_x_alone_skips_the_weight_gradients(which, gen, monkeypatch):
     """torch.autograd.grad for x alone (the div form's value pass) runs the backward without
