@@ -9,12 +9,13 @@ C++ kernels of csrc/jet_act.cpp. Forward, biases on the value row only:
 
 It keeps F, Pt, T and the H_l; the backward walks the layers in reverse, recomputing each
 silu(H_l) from H_l, and skips the parameter gradients when the running backward does not use
-them (fpkern.ops.mlp_jet._executed). T's rows that are zero by structure (those of the probe
-directions, _live_rows) stay out of the time projections' GEMMs: in the projected pass 3 of
-5 rows, about 1 ms of a 15-20 ms forward and backward on the benchmark MLP. The per-op jet rules keep every layer's input and its
+them (fpkern.ops.mlp_jet._executed). The per-op jet rules keep every layer's input and its
 activation: on the benchmark MLP (width 256, batch 128, the 5 rows of the projected pass) a
-training step keeps 5.2 MB instead of 7.0 MB. The time is the same within noise on CPU,
-where the GEMMs (the same in both) dominate. float32 and float64, any width and row count.
+training step keeps 5.2 MB instead of 7.0 MB. T's rows that are zero by structure (those of
+the probe directions, _live_rows) stay out of the time projections' GEMMs: 3 of the
+projected pass's 5 rows, about 1 ms of its 15-20 ms forward and backward. Otherwise the time
+is that of the per-op rules: the GEMMs, the same in both, dominate on CPU. float32 and
+float64, any width and row count.
 """
 
 from __future__ import annotations
