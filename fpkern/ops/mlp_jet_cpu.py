@@ -49,11 +49,13 @@ def _flat(a: torch.Tensor) -> torch.Tensor:
 
 
 def _live_rows(t_rows: torch.Tensor, spec) -> list[int] | None:
-    """The rows of the time embedding T that are not zero by structure; None when all are. T depends on x through nothing: its first-order row i is zero where t's is,
-    a pair row (a, b) where t's is and t's row a or b is, the collapsed row where t's is and
-    all the collapsed rows' are (the jet rules of fourier_rows, the linear layer and silu
-    keep these zero exactly). The probe rows of every fused pass are such rows: the
-    projected pass has 2 live rows of 5, the laplacian one 2 of 4."""
+    """The rows of the time embedding T that are not zero by structure; None when all are.
+
+    T is a function of t alone. Its first-order row i is zero where t's row i is; a pair
+    row (a, b) where t's is and t's row a or b is; the collapsed row where t's is and all
+    the collapsed rows' are. The jet rules of fourier_rows, the linear layer and silu keep
+    these rows exactly zero. The probe rows of every fused pass are such rows: the projected
+    pass has 2 live rows of 5, the laplacian one 2 of 4."""
     n1, pair_a, pair_b, c0, nc = spec
     zero = (t_rows.reshape(t_rows.shape[0], -1) == 0).all(1).tolist()
     live = [True] + [not zero[i] for i in range(1, 1 + n1)]
