@@ -46,7 +46,9 @@ case "$what" in
     part=""
     if [ -n "$sel" ]; then part="-$(printf '%s' "$sel" | tr -cs 'a-zA-Z0-9' '-')"; fi
     name="$gpu-$FPKERN_COMMIT$part"
-    timeout "${BENCH_SECONDS:-480}" $py -m pytest benchmarks/ --benchmark-only -q \
+    # the kernel bandwidths (seconds) first, then the residual suite, train steps first
+    timeout "${BENCH_SECONDS:-480}" $py -m pytest benchmarks/bench_terms.py \
+        benchmarks/bench_residual.py --benchmark-only -q \
         -p no:cacheprovider ${sel:+-k "$sel"} --bench-json "$out/$name.json" 2>&1 \
         | tee "$out/bench-$name.log" | sed -n '/fpkern ratios/,$p' \
         || echo "the suite stopped early (time budget or a failure): see $out/bench-$name.log"
