@@ -282,10 +282,11 @@ def _gn_jet_bwd_kernel(gy_ptr, x_ptr, w_ptr, mean_ptr, var_ptr, pa_ptr, pb_ptr, 
         gv += _scatter(gu * u2 * vb, pa, is_pair, ridx) + _scatter(gu * u2 * va, pb, is_pair, ridx)
         gu2 += tl.sum(tl.where(is_pair, gu * va * vb, 0.0), axis=0)
     if HAS_COLL:
-        gz = _pick(gu, ridx, R - 1)
+        gu_z = _pick(gu, ridx, R - 1)          # a name of its own: the compiler types a
+        # variable that pass 2's loop assigns (its `gz`) as loop-carried
         vk = tl.where(kmask, _gather(v, ridx, krow), 0.0)
-        gv += _scatter(gz * u2 * (2.0 / ncf) * vk, krow, kmask, ridx)
-        gu2 += gz * tl.sum(vk * vk, axis=0) / ncf
+        gv += _scatter(gu_z * u2 * (2.0 / ncf) * vk, krow, kmask, ridx)
+        gu2 += gu_z * tl.sum(vk * vk, axis=0) / ncf
     gv = tl.where(ridx == 0, gu0 * u1 + gu1 * u2 + gu2 * u3, gv)
 
     # the mean of the centred gradient: its (linear) formula at the means of g and c

@@ -4,22 +4,18 @@ import pytest
 import torch
 
 from fpkern import backend
+from fpkern.kernels import fpe_combine as kernels
 from fpkern.ops import fpe_combine, fpe_combine_ref, hutchinson_reduce, hutchinson_reduce_ref
-from tests.ops.kernel_checks import assert_close, backends, device_for
+from tests.ops.kernel_checks import (assert_close, assert_compile_for_sm90, backends, device_for,
+                                    nvidia_backend, recorded_launches)
 
 SHAPES = [(1, 1), (5, 123), (3, 2, 7, 9), (4, 4097)]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}
 
 
-
-
-
-
 def _combine_inputs(shape, dtype, device, gen):
     mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device, dtype)  # noqa: E731
     return [mk(*shape) for _ in range(4)] + [mk(shape[0]).abs(), mk(shape[0])]
-
-
 
 
 def test_cpp_extension_is_built():
@@ -120,3 +116,18 @@ def test_bad_inputs_are_named(gen):
         fpe_combine(dts, second, jc, s.float(), g2, f)
     with pytest.raises(TypeError, match="v must be a floating"):
         hutchinson_reduce(torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3))
+
+
+@pytest.mark.skipif(not nvidia_backend(), reason="triton's NVIDIA compiler is not installed")
+def test_kernels_compile_for_sm90(gen):
+    """Both ops' kernels, forward and backward, in every dtype, as the ops launch them."""
+    dev = device_for("triton")
+    with recorded_launches(kernels) as launches, backend.use_backend("triton"):
+        for dtype in TOL:
+            args = [a.requires_grad_() for a in _combine_inputs((5, 123), dtype, dev, gen)]
+            torch.autograd.grad(fpe_combine(*args).sum(), args)
+            v, jv = (torch.randn(2, 5, 123, generator=gen).to(dev, dtype).requires_grad_()
+                     for _ in range(2))
+            torch.autograd.grad(hutchinson_reduce(v, jv).sum(), (v, jv))
+    assert len(launches) == 4 * len(TOL)
+    assert_compile_for_sm90(launches)

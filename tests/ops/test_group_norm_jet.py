@@ -8,11 +8,13 @@ from torch.func import jvp
 
 from fpkern import backend
 from fpkern.jet import Jet, Layout
+from fpkern.kernels import group_norm_jet as kernels
 from fpkern.models import layers as L
 from fpkern.ops import group_norm_jet as gnj
 from fpkern.ops.group_norm_jet import group_norm_jet, group_norm_jet_ref
 from tests.jet.nested_jvp import nested_jvp_rows
-from tests.ops.kernel_checks import assert_close, backends, device_for
+from tests.ops.kernel_checks import (assert_close, assert_compile_for_sm90, backends, device_for,
+                                    nvidia_backend, recorded_launches)
 
 F64 = torch.float64
 LAYOUTS = {
@@ -23,12 +25,6 @@ LAYOUTS = {
 # (B, C, G, spatial): odd sizes, 2-D and 1-D spatial, none (a [B, C] input), one group per channel
 SHAPES = [(3, 6, 3, (5, 7)), (3, 6, 2, (5,)), (2, 4, 4, ())]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
-
-
-
-
-
-
 
 
 def _inputs(shape, layout, gen, dtype=F64, device="cpu"):
@@ -341,3 +337,20 @@ def test_fused_activation_node_passes_gradcheck_and_gradgradcheck(gen):
             b.clone().requires_grad_(True))
     assert torch.autograd.gradcheck(fn, args)
     assert torch.autograd.gradgradcheck(fn, args)
+
+
+@pytest.mark.skipif(not nvidia_backend(), reason="triton's NVIDIA compiler is not installed")
+def test_kernels_compile_for_sm90(gen):
+    """Each layout with and without the affine parameters, in every dtype the op takes."""
+    with recorded_launches(kernels) as launches, backend.use_backend("triton"):
+        for layout in LAYOUTS.values():
+            for dtype in (F64, torch.float32, torch.bfloat16):
+                rows, w, b = (t.requires_grad_() for t in _inputs(
+                    (2, 4, 2, (3,)), layout, gen, dtype, device_for("triton")))
+                for affine in (True, False):
+                    ins = [rows] + ([w, b] if affine else [])
+                    out = group_norm_jet(rows, 2, *(ins[1:] or [None, None]), 1e-5,
+                                         layout.kernel_spec)
+                    torch.autograd.grad(out.sum(), ins)
+    assert len(launches) == 2 * 2 * len(LAYOUTS) * 3
+    assert_compile_for_sm90(launches)

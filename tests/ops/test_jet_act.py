@@ -6,9 +6,11 @@ import torch.nn.functional as F
 
 from fpkern import backend
 from fpkern.jet import Layout
+from fpkern.kernels import jet_act as kernels
 from fpkern.ops.jet_act import ACTS, jet_act, jet_act_ref
 from tests.jet.nested_jvp import nested_jvp_rows
-from tests.ops.kernel_checks import assert_close, backends, device_for
+from tests.ops.kernel_checks import (assert_close, assert_compile_for_sm90, backends, device_for,
+                                    nvidia_backend, recorded_launches)
 
 
 def _close(got, want, tol, what):
@@ -25,10 +27,6 @@ LAYOUTS = {
 }
 FN = {"silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}   # rows ~ 2 randn
-
-
-
-
 
 
 def _rows(layout, shape, gen, dtype=F64):
@@ -110,3 +108,17 @@ def test_torch_compile_accepts_the_op(gen):
                        fullgraph=True)
     assert torch.allclose(fn(rows), jet_act_ref(rows, "silu", layout.kernel_spec).sum(),
                           rtol=1e-5)
+
+
+@pytest.mark.skipif(not nvidia_backend(), reason="triton's NVIDIA compiler is not installed")
+def test_kernels_compile_for_sm90(gen):
+    """Every activation and layout, forward and backward, in every dtype."""
+    with recorded_launches(kernels) as launches, backend.use_backend("triton"):
+        for act in sorted(ACTS):
+            for layout in LAYOUTS.values():
+                for dtype in TOL:
+                    rows = _rows(layout, (5, 7), gen, dtype).to(device_for("triton"))
+                    rows.requires_grad_()
+                    torch.autograd.grad(jet_act(rows, act, layout.kernel_spec).sum(), rows)
+    assert len(launches) == 2 * len(ACTS) * len(LAYOUTS) * len(TOL)
+    assert_compile_for_sm90(launches)

@@ -4,10 +4,6 @@ CPU one of fpkern.ops.mlp_jet_cpu) against the reference, the Jet dispatch of
 fpkern.models.mlp.mlp_forward, and the fused FPE residual end to end."""
 
 import copy
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -15,11 +11,13 @@ from torch.func import jvp
 
 from fpkern import backend
 from fpkern.jet import Jet, Layout
+from fpkern.kernels import mlp_jet as mlp_jet_kernels
 from fpkern.models import MLP, ScoreFn
 from fpkern.ops import fpe_residual, projected_residual
 from fpkern.ops import mlp_jet as mj
 from fpkern.ops.fused import jet_pass
 from fpkern.sde import VPSDE
+from tests.ops.kernel_checks import assert_compile_for_sm90, nvidia_backend, recorded_launches
 
 F64 = torch.float64
 
@@ -476,45 +474,24 @@ def test_fused_residual_same_with_the_op_and_the_per_op_rules(form, which, kerne
 
 
 # ---- real GPU --------------------------------------------------------------------------
-def _nvidia_backend() -> bool:
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _nvidia_backend(), reason="triton's NVIDIA backend is not installed")
-def test_kernels_compile_for_sm90():
-    """Both kernels go through the whole NVIDIA pipeline (no GPU needed): catches what the
-    interpreter accepts but the compiler does not."""
-    code = textwrap.dedent("""
-        import inspect
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from fpkern.kernels import mlp_jet as k
-        def consts(R, N1, pa, pb, NC):
-            c = k.config(R, 7, 48, 4, 3); c.pop("Bp")
-            return dict(WIDTH=48, NL=1, R=R, N1=N1, NP=len(pa), PA=k.pack_rows(pa),
-                        PB=k.pack_rows(pb), C0=1, NC=NC, PREC="tf32x3", **c)
-        six = consts(6, 3, [1], [3], 2)                 # pairs and a collapsed row
-        eleven = consts(11, 6, [1, 2, 3, 4], [5] * 4, 0)   # the projected pass for K = 4
-        for fn, cs in ((k._mlp_jet_fwd_kernel, six), (k._mlp_jet_bwd_kernel, six),
-                       (k._mlp_jet_bwd_kernel, dict(six, WEIGHTS=False)),
-                       (k._mlp_jet_fwd_kernel, eleven), (k._mlp_jet_bwd_kernel, eleven)):
-            cs = dict({"WEIGHTS": True}, **cs) if fn is k._mlp_jet_bwd_kernel else cs
-            names = inspect.signature(fn.fn).parameters
-            sig = {n: "constexpr" if n in cs else "*fp32" if n.endswith("_ptr") else "i32"
-                   for n in names}
-            src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cs)
-            out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-            assert "cubin" in out.asm
-    """)
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+@pytest.mark.skipif(not nvidia_backend(), reason="triton's NVIDIA compiler is not installed")
+def test_kernels_compile_for_sm90(gen):
+    """The kernels as the op launches them (pairs with a collapsed row, with and without the
+    weight gradients; the 11-row projected pass) compile for sm_90 (no GPU needed)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = _net(3, 256, 3, 64).to(dev)                 # the benchmarked MLPs: width 256
+    with recorded_launches(mlp_jet_kernels) as launches, backend.use_backend("triton"):
+        for name in ("pairs_collapse", "projected_k4"):
+            layout = LAYOUTS[name]
+            x, t = (a.to(dev).requires_grad_() for a in _rows(layout, 7, 3, gen, torch.float32))
+            out = mj.mlp_jet(x, t, _params(m), layout.kernel_spec)
+            torch.autograd.grad(out.square().sum(), [x, t] + [p for p in m.parameters() if p.requires_grad])
+            torch.autograd.grad(mj.mlp_jet(x, t, _params(m), layout.kernel_spec).sum(), x)
+    assert {(s["kernel"], s["constexprs"]["R"], s["constexprs"].get("WEIGHTS"))
+            for s in launches} == {("_mlp_jet_fwd_kernel", 7, None), ("_mlp_jet_fwd_kernel", 11, None),
+                                   ("_mlp_jet_bwd_kernel", 7, True), ("_mlp_jet_bwd_kernel", 7, False),
+                                   ("_mlp_jet_bwd_kernel", 11, True), ("_mlp_jet_bwd_kernel", 11, False)}
+    assert_compile_for_sm90(launches)
 
 
 @pytest.mark.gpu

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from fpkern import backend
+from fpkern.kernels import terms as kernels
 from fpkern.ops.terms import combine_terms, combine_terms_ref
-from tests.ops.kernel_checks import assert_close, backends, device_for
+from tests.ops.kernel_checks import (assert_close, assert_compile_for_sm90, backends, device_for,
+                                    nvidia_backend, recorded_launches)
 
 
 def _close(got, want, tol, what):
@@ -17,17 +19,11 @@ F64 = torch.float64
 TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
-
-
-
-
 def _inputs(K, shape, dtype, device, gen):
     mk = lambda *s: torch.randn(*s, generator=gen, dtype=F64).to(device, dtype)  # noqa: E731
     B = shape[0]
     return [mk(K, *shape), mk(K, *shape)] + [mk(*shape) for _ in range(4)] + \
         [mk(B).abs(), mk(B), mk(B).abs()]
-
-
 
 
 def test_reference_matches_definitions(gen):
@@ -108,3 +104,17 @@ def test_torch_compile_accepts_the_op(gen):
     fn = torch.compile(lambda *a: combine_terms(*a, 2.0)[2].sum(), backend="eager",
                        fullgraph=True)
     assert torch.allclose(fn(*args), combine_terms_ref(*args, 2.0)[2].sum())
+
+
+@pytest.mark.skipif(not nvidia_backend(), reason="triton's NVIDIA compiler is not installed")
+def test_kernels_compile_for_sm90(gen):
+    """The forward and backward kernels in every dtype, for m = 2 and another m."""
+    with recorded_launches(kernels) as launches, backend.use_backend("triton"):
+        for dtype in TOL:
+            for m in (2.0, 1.5):
+                args = [a.requires_grad_() for a in _inputs(2, (3, 40), dtype,
+                                                            device_for("triton"), gen)]
+                out = combine_terms(*args, m)
+                torch.autograd.grad(sum(o.sum() for o in out), args)
+    assert len(launches) == 2 * 2 * len(TOL)
+    assert_compile_for_sm90(launches)
