@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 SM90_SHARED = 227 * 1024          # an H100 block's most (opt-in) shared memory, bytes
-SM90_REGISTERS = 255              # per thread
 _TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
           torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32", torch.int8: "i8",
           torch.uint8: "u8", torch.bool: "i1"}
