@@ -57,7 +57,8 @@ def _row(r: dict) -> str:
     warps = spec["options"].get("num_warps", 4)
     if "error" in r:
         return f"{name:38s} {key:58s} FAILED: {r['error'].splitlines()[-1]}"
-    return (f"{name:38s} {key:58s} {warps:5d} {r['registers'] or '?':>5} {r['spill'] or 0:>6} "
+    regs, spill = (("?" if r[k] is None else r[k]) for k in ("registers", "spill"))
+    return (f"{name:38s} {key:58s} {warps:5d} {regs:>5} {spill:>6} "
             f"{r['shared']:>7}")
 
 
