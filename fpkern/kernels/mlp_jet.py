@@ -296,25 +296,45 @@ def _bias(acc, b_ptr, n, n_ok, v0):
 @triton.jit
 def _wgrad(dw_ptr, db_ptr, d_ptr, d_row, d_ok, d_ld, NN, NPAD: tl.constexpr, BN: tl.constexpr,
            a_ptr, a_row, a_ok, a_ld, KN, KP: tl.constexpr, BK: tl.constexpr, v0,
-           HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+           HAS_BIAS: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr = False):
     """dW[n, k] += sum_m D[m, n] A[m, k] (dW row-major [NN, KN]) and db[n] += sum over the
-    value-row m of D[m, n]: this program's partial sums, added atomically."""
+    value-row m of D[m, n]: this program's partial sums, added atomically.
+
+    TRANS forms the [BK, BN] tile of dW^T = A^T D instead of the [BN, BK] tile of D^T A: for
+    a narrow A (the input layer's x, K = D padded to 16) the [BN, M] operand D^T would be
+    held whole by every warp, ~1 KB a thread of spills for sm_90 at 8 warps; as the B operand
+    the warps split D along N (fpkern.kernels.offline measures both)."""
     for n0 in range(0, NPAD, BN):
         n = n0 + tl.arange(0, BN)
         n_ok = n < NN
-        dt = tl.load(d_ptr + d_row[None, :] * d_ld + n[:, None],
-                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)          # [BN, M]
-        if HAS_BIAS:
-            tl.atomic_add(db_ptr + n, tl.sum(tl.where(v0[None, :], dt, 0.0), axis=1),
-                          mask=n_ok, sem="relaxed")
-        for k0 in range(0, KP, BK):
-            k = k0 + tl.arange(0, BK)
-            k_ok = k < KN
-            a = tl.load(a_ptr + a_row[:, None] * a_ld + k[None, :],
-                        mask=a_ok[:, None] & k_ok[None, :], other=0.0)        # [M, BK]
-            tl.atomic_add(dw_ptr + n[:, None] * KN + k[None, :],
-                          tl.dot(dt, a, input_precision=PREC),
-                          mask=n_ok[:, None] & k_ok[None, :], sem="relaxed")
+        if TRANS:
+            dm = tl.load(d_ptr + d_row[:, None] * d_ld + n[None, :],
+                         mask=d_ok[:, None] & n_ok[None, :], other=0.0)      # [M, BN]
+            if HAS_BIAS:
+                tl.atomic_add(db_ptr + n, tl.sum(tl.where(v0[:, None], dm, 0.0), axis=0),
+                              mask=n_ok, sem="relaxed")
+            for k0 in range(0, KP, BK):
+                k = k0 + tl.arange(0, BK)
+                k_ok = k < KN
+                at = tl.load(a_ptr + a_row[None, :] * a_ld + k[:, None],
+                             mask=a_ok[None, :] & k_ok[:, None], other=0.0)   # [BK, M]
+                tl.atomic_add(dw_ptr + n[None, :] * KN + k[:, None],
+                              tl.dot(at, dm, input_precision=PREC),
+                              mask=k_ok[:, None] & n_ok[None, :], sem="relaxed")
+        else:
+            dt = tl.load(d_ptr + d_row[None, :] * d_ld + n[:, None],
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)      # [BN, M]
+            if HAS_BIAS:
+                tl.atomic_add(db_ptr + n, tl.sum(tl.where(v0[None, :], dt, 0.0), axis=1),
+                              mask=n_ok, sem="relaxed")
+            for k0 in range(0, KP, BK):
+                k = k0 + tl.arange(0, BK)
+                k_ok = k < KN
+                a = tl.load(a_ptr + a_row[:, None] * a_ld + k[None, :],
+                            mask=a_ok[:, None] & k_ok[None, :], other=0.0)    # [M, BK]
+                tl.atomic_add(dw_ptr + n[:, None] * KN + k[None, :],
+                              tl.dot(dt, a, input_precision=PREC),
+                              mask=n_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
 # ---- kernels ---------------------------------------------------------------------------
@@ -465,7 +485,7 @@ def _mlp_jet_bwd_kernel(
     # input layer H_0 = Win x + bin + T: dWin, dbin, dx; dT = TT + DH
     if WEIGHTS:
         _wgrad(dwin_ptr, dbin_ptr, dh_ptr, sc, ok, WP, WIDTH, WP, BW,
-               x_ptr, ex, ex_ok, D, D, DP, BD, v0, True, PREC)
+               x_ptr, ex, ex_ok, D, D, DP, BD, v0, True, PREC, True)
     for n0 in range(0, DP, BD):
         n = n0 + tl.arange(0, BD)
         n_ok = n < D
