@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_run.sh test  <commit>   # install, versions, the whole test suite
 #                                               # (Triton kernels compiled for the GPU)
 #   bash benchmarks/gpu_run.sh bench <commit> [EXPR]   # install, the benchmark suite -> JSON
+#   bash benchmarks/gpu_run.sh sweep <commit> [ARGS]   # the MLP kernel's block size and warps,
+#                                               # timed (ARGS: benchmarks/mlp_kernel_sweep.py's)
 #
 # EXPR, a pytest -k expression, runs part of the suite ("mlp", "not mlp") when the whole
 # does not fit one call; the JSON's name then ends in it. The suite stops after
@@ -16,8 +18,8 @@
 # The machine has torch, triton, pybind11, CMake, ninja and scikit-build-core but reaches
 # no package registry, hence --no-build-isolation --no-deps.
 set -euo pipefail
-what=${1:?usage: gpu_run.sh test|bench <commit>}
-export FPKERN_COMMIT=${2:?usage: gpu_run.sh test|bench <commit>}
+what=${1:?usage: gpu_run.sh test|bench|sweep <commit>}
+export FPKERN_COMMIT=${2:?usage: gpu_run.sh test|bench|sweep <commit>}
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -54,8 +56,17 @@ case "$what" in
         || echo "the suite stopped early (time budget or a failure): see $out/bench-$name.log"
     if [ -f "$out/$name.json" ]; then $py -m benchmarks.plot "$out/$name.json" || true; fi
     ;;
+  sweep)
+    # in sweeps/: the JSON files of results/ itself are benchmark-suite runs
+    gpu=$($py -c "import re, torch; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+    shift 2
+    mkdir -p "$out/sweeps"
+    $py -m benchmarks.mlp_kernel_sweep "$@" \
+        --json "$out/sweeps/mlp-$gpu-$FPKERN_COMMIT-$(date +%H%M%S).json" \
+        2> "$out/sweeps/mlp-$FPKERN_COMMIT.log"
+    ;;
   *)
-    echo "unknown step $what (test or bench)" >&2
+    echo "unknown step $what (test, bench or sweep)" >&2
     exit 2
     ;;
 esac
