@@ -33,6 +33,9 @@ PY
 $py -m pip install -q --no-build-isolation --no-deps -e . > "$out/install.log" 2>&1 \
     || { tail -40 "$out/install.log"; exit 1; }
 
+# the device's name as a file-name part ("nvidia-h100-80gb-hbm3", or "cpu")
+gpu=$($py -c "import re, torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print(re.sub('[^a-z0-9]+', '-', n.lower()).strip('-'))")
+
 case "$what" in
   test)
     # pytest-xdist is on that machine: the Triton compilations of the kernel tests spread
@@ -43,7 +46,6 @@ case "$what" in
         | tail -25
     ;;
   bench)
-    gpu=$($py -c "import re, torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print(re.sub('[^a-z0-9]+', '-', n.lower()).strip('-'))")
     sel=${3:-}
     part=""
     if [ -n "$sel" ]; then part="-$(printf '%s' "$sel" | tr -cs 'a-zA-Z0-9' '-')"; fi
@@ -58,7 +60,6 @@ case "$what" in
     ;;
   sweep)
     # in sweeps/: the JSON files of results/ itself are benchmark-suite runs
-    gpu=$($py -c "import re, torch; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
     shift 2
     mkdir -p "$out/sweeps"
     $py -m benchmarks.mlp_kernel_sweep "$@" \
