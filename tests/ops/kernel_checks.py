@@ -2,9 +2,11 @@
 that names the first mismatching element, and the compilation of the Triton kernels for a
 GPU on a machine without one."""
 
+import pytest
 import torch
 
 from fpkern import backend
+from fpkern.kernels.offline import SM90_SHARED, compile_specs, nvidia_compiler
 
 
 def backends() -> list[str]:
@@ -33,9 +35,12 @@ def assert_close(got, want, tol, what, *, check_dtype=True):
 
 
 # ---- the Triton kernels compiled for a GPU, with no GPU (fpkern.kernels.offline) -----------
+needs_nvidia_compiler = pytest.mark.skipif(not nvidia_compiler(),
+                                           reason="triton's NVIDIA compiler is not installed")
+
+
 def assert_compile_for_sm90(launches: list[dict]) -> None:
     """Every recorded specialization compiles to a cubin for sm_90 within its shared memory."""
-    from fpkern.kernels.offline import SM90_SHARED, compile_specs
     assert launches, "no kernel was launched"
     bad = []
     for r in compile_specs(launches):

@@ -5,9 +5,10 @@ import torch
 
 from fpkern import backend
 from fpkern.kernels import fpe_combine as kernels
-from fpkern.kernels.offline import nvidia_compiler, recorded_launches
+from fpkern.kernels.offline import recorded_launches
 from fpkern.ops import fpe_combine, fpe_combine_ref, hutchinson_reduce, hutchinson_reduce_ref
-from tests.ops.kernel_checks import assert_close, assert_compile_for_sm90, backends, device_for
+from tests.ops.kernel_checks import (assert_close, assert_compile_for_sm90, backends, device_for,
+                                    needs_nvidia_compiler)
 
 SHAPES = [(1, 1), (5, 123), (3, 2, 7, 9), (4, 4097)]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}
@@ -118,7 +119,7 @@ def test_bad_inputs_are_named(gen):
         hutchinson_reduce(torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3))
 
 
-@pytest.mark.skipif(not nvidia_compiler(), reason="triton's NVIDIA compiler is not installed")
+@needs_nvidia_compiler
 def test_kernels_compile_for_sm90(gen):
     """Both ops' kernels, forward and backward, in every dtype, as the ops launch them."""
     dev = device_for("triton")

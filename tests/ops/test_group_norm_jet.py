@@ -9,12 +9,13 @@ from torch.func import jvp
 from fpkern import backend
 from fpkern.jet import Jet, Layout
 from fpkern.kernels import group_norm_jet as kernels
-from fpkern.kernels.offline import nvidia_compiler, recorded_launches
+from fpkern.kernels.offline import recorded_launches
 from fpkern.models import layers as L
 from fpkern.ops import group_norm_jet as gnj
 from fpkern.ops.group_norm_jet import group_norm_jet, group_norm_jet_ref
 from tests.jet.nested_jvp import nested_jvp_rows
-from tests.ops.kernel_checks import assert_close, assert_compile_for_sm90, backends, device_for
+from tests.ops.kernel_checks import (assert_close, assert_compile_for_sm90, backends, device_for,
+                                    needs_nvidia_compiler)
 
 F64 = torch.float64
 LAYOUTS = {
@@ -339,7 +340,7 @@ def test_fused_activation_node_passes_gradcheck_and_gradgradcheck(gen):
     assert torch.autograd.gradgradcheck(fn, args)
 
 
-@pytest.mark.skipif(not nvidia_compiler(), reason="triton's NVIDIA compiler is not installed")
+@needs_nvidia_compiler
 def test_kernels_compile_for_sm90(gen):
     """Each layout with and without the affine parameters, in every dtype the op takes."""
     with recorded_launches(kernels) as launches, backend.use_backend("triton"):

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from fpkern import backend
 from fpkern.jet import Layout
 from fpkern.kernels import jet_act as kernels
-from fpkern.kernels.offline import nvidia_compiler, recorded_launches
+from fpkern.kernels.offline import recorded_launches
 from fpkern.ops.jet_act import ACTS, jet_act, jet_act_ref
 from tests.jet.nested_jvp import nested_jvp_rows
-from tests.ops.kernel_checks import assert_close, assert_compile_for_sm90, backends, device_for
+from tests.ops.kernel_checks import (assert_close, assert_compile_for_sm90, backends, device_for,
+                                    needs_nvidia_compiler)
 
 
 def _close(got, want, tol, what):
@@ -110,7 +111,7 @@ def test_torch_compile_accepts_the_op(gen):
                           rtol=1e-5)
 
 
-@pytest.mark.skipif(not nvidia_compiler(), reason="triton's NVIDIA compiler is not installed")
+@needs_nvidia_compiler
 def test_kernels_compile_for_sm90(gen):
     """Every activation and layout, forward and backward, in every dtype."""
     with recorded_launches(kernels) as launches, backend.use_backend("triton"):

@@ -12,13 +12,13 @@ from torch.func import jvp
 from fpkern import backend
 from fpkern.jet import Jet, Layout
 from fpkern.kernels import mlp_jet as mlp_jet_kernels
-from fpkern.kernels.offline import nvidia_compiler, recorded_launches
+from fpkern.kernels.offline import recorded_launches
 from fpkern.models import MLP, ScoreFn
 from fpkern.ops import fpe_residual, projected_residual
 from fpkern.ops import mlp_jet as mj
 from fpkern.ops.fused import jet_pass
 from fpkern.sde import VPSDE
-from tests.ops.kernel_checks import assert_compile_for_sm90
+from tests.ops.kernel_checks import assert_compile_for_sm90, needs_nvidia_compiler
 
 F64 = torch.float64
 
@@ -475,7 +475,7 @@ def test_fused_residual_same_with_the_op_and_the_per_op_rules(form, which, kerne
 
 
 # ---- real GPU --------------------------------------------------------------------------
-@pytest.mark.skipif(not nvidia_compiler(), reason="triton's NVIDIA compiler is not installed")
+@needs_nvidia_compiler
 def test_kernels_compile_for_sm90(gen):
     """The kernels as the op launches them (pairs with a collapsed row, with and without the
     weight gradients; the 11-row projected pass) compile for sm_90 (no GPU needed)."""

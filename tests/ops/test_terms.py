@@ -5,9 +5,10 @@ import torch
 
 from fpkern import backend
 from fpkern.kernels import terms as kernels
-from fpkern.kernels.offline import nvidia_compiler, recorded_launches
+from fpkern.kernels.offline import recorded_launches
 from fpkern.ops.terms import combine_terms, combine_terms_ref
-from tests.ops.kernel_checks import assert_close, assert_compile_for_sm90, backends, device_for
+from tests.ops.kernel_checks import (assert_close, assert_compile_for_sm90, backends, device_for,
+                                    needs_nvidia_compiler)
 
 
 def _close(got, want, tol, what):
@@ -106,7 +107,7 @@ def test_torch_compile_accepts_the_op(gen):
     assert torch.allclose(fn(*args), combine_terms_ref(*args, 2.0)[2].sum())
 
 
-@pytest.mark.skipif(not nvidia_compiler(), reason="triton's NVIDIA compiler is not installed")
+@needs_nvidia_compiler
 def test_kernels_compile_for_sm90(gen):
     """The forward and backward kernels in every dtype, for m = 2 and another m."""
     with recorded_launches(kernels) as launches, backend.use_backend("triton"):
