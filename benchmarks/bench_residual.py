@@ -7,7 +7,7 @@ recompute, fpkern.ops.fused_div), projected (the div-form loss as the
 forward-only unbiased (u . r)^2, fpkern.ops.projected_residual) and torch.func (the generic
 forward-mode path, fpkern.ops.forward_mode, that fused falls back to). Modes: "fwd" (the loss
 g^2 |r|^2 / D^2), "fwdbwd" (the loss and its parameter gradient) and "train_step" (DSM +
-0.15 FP loss sharing passes as fpkern.losses.FPLoss.with_dsm does, backward and Adam;
+0.15 FP loss sharing passes as fpkern.losses.FPLoss.with_dsm does, backward and the training loop's Adam, fused;
 against a plain DSM step).
 Cases: MLP score networks for D = 2 and 64 and the small NCSN++ preset (CPU and GPU); the
 CIFAR-10 NCSN++ and DDPM++ presets at batch 64 (GPU only).
@@ -23,6 +23,7 @@ from benchmarks.conftest import device
 from fpkern.models import MLP, ScoreFn, from_preset, get_config, sde_from_config
 from fpkern.ops import forward_mode, fpe_residual, fpe_terms, projected_residual
 from fpkern.sde import VPSDE
+from fpkern.train.optim import adam
 
 GPU_CASES = {"cifar10_ncsnpp": "ve/cifar10_ncsnpp_continuous",
              "cifar10_ddpmpp": "vp/cifar10_ddpmpp_continuous"}
@@ -136,7 +137,7 @@ def test_train_step(record_group, case, form):
     net, sde, x, t, z = _case(case)
 
     def runner(provider):
-        opt = torch.optim.Adam(net.parameters(), lr=1e-5)
+        opt = adam(net.parameters(), lr=1e-5)       # the training loop's (fused) Adam
 
         def run():
             opt.zero_grad(set_to_none=True)

@@ -31,6 +31,7 @@ from fpkern.train import checkpoint as ckpt_io
 from fpkern.train.data import ImageBatches, TensorItems, ToyBatches, is_toy
 from fpkern.train.ema import EMA
 from fpkern.train.metrics import MetricsWriter
+from fpkern.train.optim import adam
 
 __all__ = ["training_loop", "TrainResult", "NonFiniteLossError", "ARCHS", "ARCH_DEFAULTS"]
 
@@ -276,7 +277,7 @@ def _run(*, workdir, arch, preset, sde_name, dataset, data_dir, alpha, beta, m, 
                          estimator=fp_estimator)
     ema = EMA(net, ema_decay)
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = adam(params, lr)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dev.type == "cuda")
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16 if dev.type == "cpu"
                                        else torch.float16)) if amp else contextlib.nullcontext
