@@ -40,7 +40,8 @@ def resolve_probes(probes, x: torch.Tensor, dist: str = "rademacher",
             raise TypeError(f"probes must have a floating dtype, got {probes.dtype}")
         if probes.dim() != x.dim() + 1 or probes.shape[1:] != x.shape or probes.shape[0] < 1:
             raise ValueError(f"probes must have shape [K, *x.shape] = [K, "
-                             f"{', '.join(map(str, x.shape))}], got {tuple(probes.shape)}")
+                             f"{', '.join(map(str, x.shape))}] with K >= 1, got "
+                             f"{tuple(probes.shape)}")
         check_finite(probes, "probes")
         return probes.to(device=x.device, dtype=x.dtype)
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:

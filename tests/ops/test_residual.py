@@ -279,6 +279,7 @@ def _args():
     (lambda a: a.update(method="stde"), ValueError, "unknown method 'stde'"),
     (lambda a: a.update(probe_dist="uniform"), ValueError, "unknown probe_dist 'uniform'"),
     (lambda a: a.update(probes=torch.randn(2, 3, 3, dtype=F64)), ValueError, "probes must have shape"),
+    (lambda a: a.update(probes=torch.randn(0, 3, 2, dtype=F64)), ValueError, "with K >= 1"),
     (lambda a: a.update(probes=0), TypeError, "positive int"),
     (lambda a: a.update(probes=torch.ones(1, 3, 2, dtype=torch.int64)), TypeError, "probes must have a floating"),
     (lambda a: a.update(score_fn=3), TypeError, "score_fn must be callable"),
