@@ -7,8 +7,8 @@ recompute, fpkern.ops.fused_div), projected (the div-form loss as the
 forward-only unbiased (u . r)^2, fpkern.ops.projected_residual) and torch.func (the generic
 forward-mode path, fpkern.ops.forward_mode, that fused falls back to). Modes: "fwd" (the loss
 g^2 |r|^2 / D^2), "fwdbwd" (the loss and its parameter gradient) and "train_step" (DSM +
-0.15 FP loss sharing passes as fpkern.losses.FPLoss.with_dsm does, backward and the training loop's Adam, fused;
-against a plain DSM step).
+0.15 FP loss sharing passes as fpkern.losses.FPLoss.with_dsm does, backward and the
+training loop's fused Adam; against a plain DSM step with the same Adam).
 Cases: MLP score networks for D = 2 and 64 and the small NCSN++ preset (CPU and GPU); the
 CIFAR-10 NCSN++ and DDPM++ presets at batch 64 (GPU only).
 Run: `pytest benchmarks/ --benchmark-only [--bench-json PATH]`.

@@ -42,8 +42,8 @@ def test_adam_falls_back_where_no_fused_kernel_runs():
     assert not adam(meta, lr=1e-3).defaults["fused"]
 
 
-@pytest.mark.parametrize("decay", [0.9999, 0.5])
-def test_ema_update_follows_score_sde_warmup(decay):
+@pytest.mark.parametrize("decay, n", [(0.9999, 7), (0.5, 100)])   # warm-up, then decay
+def test_ema_update_follows_score_sde_warmup(decay, n):
     torch.manual_seed(0)
     net = from_preset("small/ncsnpp").double()
     ema = EMA(net, decay)
@@ -54,8 +54,8 @@ def test_ema_update_follows_score_sde_warmup(decay):
         for b in net.buffers():
             if b.is_floating_point():
                 b.add_(1.0)
-    ema.update(net, 7)
-    d = min(decay, (1 + 7) / (10 + 7))
+    ema.update(net, n)
+    d = min(decay, (1 + n) / (10 + n))
     for pe, p0, p in zip(ema.module.parameters(), start, net.parameters()):
         torch.testing.assert_close(pe, d * p0 + (1 - d) * p.detach(), rtol=1e-12, atol=1e-14)
     buffers = list(zip(ema.module.buffers(), net.buffers()))
