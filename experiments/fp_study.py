@@ -36,10 +36,7 @@ import copy
 import json
 import logging
 import math
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +54,7 @@ from fpkern.losses import DSMLoss, FPLoss
 from fpkern.models import MLP, ScoreFn
 from fpkern.models.presets import from_preset, get_config, sde_from_config
 from fpkern.sde import get_sde
+from provenance import git, machine   # experiments/provenance.py
 
 log = logging.getLogger("fp_study")
 
@@ -456,26 +454,6 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-# ---- provenance ----------------------------------------------------------------------------
-def _git(*cmd: str) -> str:
-    try:
-        return subprocess.run(["git", *cmd], cwd=Path(__file__).resolve().parent, check=True,
-                              capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> dict:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    m = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-         "python": platform.python_version(), "torch": torch.__version__, "loadavg_start": load}
-    m["summary"] = (f"{m['processor']}, {m['cpu_count']} CPUs (torch threads "
-                    f"{m['torch_threads']}), torch {m['torch']}, load avg at start "
-                    f"{load[0]:.1f}" if load else "")
-    return m
-
-
 # ---- CLI -----------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -529,8 +507,8 @@ def main(argv=None) -> dict:
     cmd = "python experiments/fp_study.py" + ("" if argv is None and len(sys.argv) <= 1 else
                                                " " + shlex.join(sys.argv[1:] if argv is None else argv))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    results = {"command": cmd, "config": config, "git_commit": _git("rev-parse", "HEAD"),
-               "git_dirty": bool(_git("status", "--porcelain")), "machine": machine(),
+    results = {"command": cmd, "config": config, "git_commit": git("rev-parse", "HEAD"),
+               "git_dirty": bool(git("status", "--porcelain")), "machine": machine(),
                "datasets": {}}
     t0 = time.perf_counter()
     run_2d(args, results)

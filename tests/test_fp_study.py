@@ -1,21 +1,14 @@
 """Smoke test of experiments/fp_study.py: tiny settings, outputs written, numbers finite."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "fp_study.py"
-
 
 @pytest.fixture(scope="module")
-def fp_study():
-    spec = importlib.util.spec_from_file_location("fp_study", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def fp_study(experiment):
+    return experiment("fp_study")
 
 
 def _numbers(obj):

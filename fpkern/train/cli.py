@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--probes", type=int, default=1, help="Hutchinson probes per sample")
     g.add_argument("--fp-estimator", choices=ESTIMATORS, default="vector",
                    help="L_vec from the residual vector, or the forward-only unbiased (u . r)^2 "
-                        "(div form, m 2, fused)")
+                        "(div form, m 2, fused; faster per step, but its gradient is orders of "
+                        "magnitude noisier: experiments/results/estimator_efficiency.md)")
     g.add_argument("--fp-batch", type=_opt_int, default=None,
                    help="samples per rank the FP terms use, 0 = all (in the div form with "
                         "method fused the DSM term takes these samples' score from the FP pass) "
