@@ -14,8 +14,8 @@ For each estimator this gives
   quantity, E_V w |r_V|^2 (E_u (u . r)^2 = |r|^2): their means must agree, and the script
   checks that they do within 3 standard errors;
 - the relative gradient variance v = E|g - E g|^2 / |E g|^2 (unbiased over the draws);
-- the time per draw of the FP term (the loss and its gradient at the DSM forward's points,
-  minus that DSM forward, which a training step has anyway), median;
+- the time per draw of the FP term: its loss and gradient at the DSM forward's points, not
+  counting that forward, which a training step runs anyway (median);
 - v x time, the cost of one unit of relative gradient variance: bringing the gradient's
   noise down to a level e takes v / e draws, so (v x time) / e seconds. Lower is better;
 - the estimator's noise against the DSM term's own: tr Cov(alpha g_FP) over the probe
@@ -116,15 +116,13 @@ def draw_fp(score_fn, sde, x, *, form, estimator, probes, draws, point_seed, des
     grads, losses, times = [], [], []
     for _ in tqdm(range(draws + 1), desc=desc, leave=False, mininterval=2.0):
         g_points = torch.Generator().manual_seed(point_seed)
-        t0 = time.perf_counter()
         d = dsm(score_fn, x, generator=g_points)      # the points, and s for the laplacian
-        t1 = time.perf_counter()
+        t0 = time.perf_counter()                      # (whose gradient runs through d's graph)
         out = fp(score_fn, x, dsm=d, generator=g_probes)
         grad = _flat_grad(out.loss, params)
-        t2 = time.perf_counter()
+        times.append(time.perf_counter() - t0)
         grads.append(grad)
         losses.append(float(out.loss.detach()))
-        times.append(t2 - t1 if form == "div" else (t2 - t0) - (t1 - t0))
     # the first draw warms up (allocations, kernel caches): timed, not counted
     return _stats(grads[1:], losses[1:], times[1:])
 
