@@ -100,11 +100,23 @@ def _stats(grads: list[torch.Tensor], losses: list[float], times: list[float]) -
     tr_cov = float((G - mean).pow(2).sum(1).sum() / (n - 1))
     losses_t = torch.tensor(losses, dtype=torch.float64)
     ms = sorted(times)[len(times) // 2] * 1e3
-    rel = tr_cov / float(mean.pow(2).sum())
+    mean_sq = float(mean.pow(2).sum())
+    rel = tr_cov / mean_sq
     return {"draws": n, "loss_mean": float(losses_t.mean()),
             "loss_se": float(losses_t.std() / math.sqrt(n)), "grad_tr_cov": tr_cov,
-            "grad_mean_sq": float(mean.pow(2).sum()), "rel_var": rel, "ms": ms,
-            "cost": rel * ms / 1e3}
+            "grad_mean_sq": mean_sq, "rel_var": rel, "ms": ms, "cost": rel * ms / 1e3}
+
+
+def _draws(one, draws: int, desc: str) -> dict:
+    """_stats of `draws` calls of one() -> (loss, flat gradient, seconds), after one more
+    call that warms up (allocations, kernel caches): timed, not counted."""
+    grads, losses, times = [], [], []
+    for _ in tqdm(range(draws + 1), desc=desc, leave=False, mininterval=2.0):
+        loss, grad, seconds = one()
+        grads.append(grad)
+        losses.append(float(loss.detach()))
+        times.append(seconds)
+    return _stats(grads[1:], losses[1:], times[1:])
 
 
 def draw_fp(score_fn, sde, x, *, form, estimator, probes, draws, point_seed, desc) -> dict:
@@ -113,18 +125,15 @@ def draw_fp(score_fn, sde, x, *, form, estimator, probes, draws, point_seed, des
     dsm = DSMLoss(sde)
     fp = FPLoss(sde, alpha=1.0, beta=0.0, form=form, estimator=estimator, probes=probes)
     g_probes = torch.Generator().manual_seed(point_seed + 1)
-    grads, losses, times = [], [], []
-    for _ in tqdm(range(draws + 1), desc=desc, leave=False, mininterval=2.0):
+
+    def one():
         g_points = torch.Generator().manual_seed(point_seed)
         d = dsm(score_fn, x, generator=g_points)      # the points, and s for the laplacian
         t0 = time.perf_counter()                      # (whose gradient runs through d's graph)
-        out = fp(score_fn, x, dsm=d, generator=g_probes)
-        grad = _flat_grad(out.loss, params)
-        times.append(time.perf_counter() - t0)
-        grads.append(grad)
-        losses.append(float(out.loss.detach()))
-    # the first draw warms up (allocations, kernel caches): timed, not counted
-    return _stats(grads[1:], losses[1:], times[1:])
+        loss = fp(score_fn, x, dsm=d, generator=g_probes).loss
+        grad = _flat_grad(loss, params)
+        return loss, grad, time.perf_counter() - t0
+    return _draws(one, draws, desc)
 
 
 def draw_dsm(score_fn, sde, x, *, draws, seed, desc) -> dict:
@@ -132,14 +141,13 @@ def draw_dsm(score_fn, sde, x, *, draws, seed, desc) -> dict:
     params = [p for p in score_fn.parameters() if p.requires_grad]
     dsm = DSMLoss(sde)
     g = torch.Generator().manual_seed(seed)
-    grads, losses, times = [], [], []
-    for _ in tqdm(range(draws + 1), desc=desc, leave=False, mininterval=2.0):
+
+    def one():
         t0 = time.perf_counter()
         loss = dsm(score_fn, x, generator=g).loss.mean()
-        grads.append(_flat_grad(loss, params))
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss.detach()))
-    return _stats(grads[1:], losses[1:], times[1:])
+        grad = _flat_grad(loss, params)
+        return loss, grad, time.perf_counter() - t0
+    return _draws(one, draws, desc)
 
 
 def run_case(name: str, arch: str, args) -> dict:

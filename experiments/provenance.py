@@ -28,6 +28,6 @@ def machine() -> dict:
          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
          "python": platform.python_version(), "torch": torch.__version__, "loadavg_start": load}
     m["summary"] = (f"{m['processor']}, {m['cpu_count']} CPUs (torch threads "
-                    f"{m['torch_threads']}), torch {m['torch']}, load avg at start "
-                    f"{load[0]:.1f}" if load else "")
+                    f"{m['torch_threads']}), torch {m['torch']}"
+                    + (f", load avg at start {load[0]:.1f}" if load else ""))
     return m
