@@ -49,7 +49,7 @@ from fpkern.data.toy2d import sample_toy
 from fpkern.data.transforms import prepare_images
 from fpkern.losses import DSMLoss, FPLoss
 from fpkern.models import get_config
-from fpkern.train.loop import training_loop
+from fpkern.train import training_loop
 from provenance import git, machine   # experiments/provenance.py
 
 log = logging.getLogger("estimator_efficiency")

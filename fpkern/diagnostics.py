@@ -7,7 +7,8 @@
     mmd(x, y, *, bandwidth=None)                                -> unbiased MMD^2 (RBF)
     sliced_wasserstein(x, y, *, projections=256, p=2, ...)      -> SW_p
     ode_sde_gap(score_fn, sde, n, *, ...)                       -> GapResult
-    plot_residual_profile(profile, path) / plot_profiles(...)   -> PNG (matplotlib Agg)
+
+The PNG writers for these (plot_residual_profile, plot_profiles) live in fpkern.plots.
 
 Definitions (at perturbed points x_t = alpha(t) x0 + sigma(t) z, the 'pert' convention of
 MATH.md 4, one z per data point from the generator):
@@ -41,7 +42,7 @@ from fpkern.sde import LinearSDE
 
 __all__ = ["ResidualProfile", "GapResult", "residual_profile", "conservativity",
            "conservativity_profile", "mmd", "sliced_wasserstein", "ode_sde_gap",
-           "perturb", "plot_residual_profile", "plot_profiles", "DISTANCES"]
+           "perturb", "DISTANCES"]
 
 
 class ResidualProfile(NamedTuple):
@@ -212,41 +213,3 @@ def ode_sde_gap(score_fn, sde: LinearSDE, n: int, *, dim: int = 2, distance: str
                    generator=generator, dtype=dtype).samples
     kw = {"generator": generator} if distance == "sliced_wasserstein" else {}
     return GapResult(DISTANCES[distance](ode, sde_s, **kw), ode, sde_s)
-
-
-# ---- plots -------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_profiles(t, curves: dict, path, *, ylabel: str = "", title: str = "",
-                  logy: bool = True) -> None:
-    """One PNG with a curve per entry of curves ({label: values [len(t)]}) against t."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    tt = torch.as_tensor(t, dtype=torch.float64).tolist()
-    for label, v in curves.items():
-        vals = [max(float(a), 1e-300) if logy else float(a) for a in v]
-        ax.plot(tt, vals, marker="o", ms=3, label=label)
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel("t")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_residual_profile(profile: ResidualProfile, path, *, title: str = "FPE residual") -> None:
-    """Absolute and relative residual profiles of every form, one PNG."""
-    curves = {f"E|r|^2 ({k})": v for k, v in profile.abs.items()}
-    curves.update({f"E|r|^2/E|d_t s|^2 ({k})": v for k, v in profile.rel.items()})
-    plot_profiles(profile.t, curves, path, ylabel="residual", title=title)

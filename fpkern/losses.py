@@ -51,9 +51,9 @@ WEIGHTINGS = ("constant", "convention", "ll")
 FP_POINTS = ("pert", "x", "random")
 #: How L_vec is computed: 'vector' from the residual r itself; 'projected' from (u . r)^2
 #: with a Rademacher u per sample (div form, m = 2, method 'fused'): unbiased for |r|^2 and
-#: forward mode only (fpkern.ops.projected_residual), but its parameter gradient is far
-#: noisier: 500-130,000x the relative variance of 'vector' at 1.5-1.6x less time a step
-#: (experiments/results/estimator_efficiency.md), so 'vector' gives more per second.
+#: forward mode only (fpkern.ops.projected_residual), but its parameter gradient is so much
+#: noisier than 'vector''s, for a step only somewhat cheaper, that 'vector' gives more per
+#: second (measured in experiments/results/estimator_efficiency.md).
 ESTIMATORS = ("vector", "projected")
 
 

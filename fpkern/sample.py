@@ -9,19 +9,20 @@ Checkpoints: a Score SDE checkpoint (``{"model", "ema", "optimizer", "step"}``, 
 fpkern.models.save_score_sde_checkpoint) with ``--config`` naming a preset of
 fpkern.models.PRESETS; without ``--config``, an fpkern training checkpoint
 (fpkern.train.checkpoint, ``{"format": "fpkern-train", "options", "model", "ema", ...}``),
-whose network is rebuilt from its saved training options. The library entry point is ``write_samples(score_fn, sde, shape, path,
-...)``, which works for any score function.
+whose network is rebuilt from its saved training options. The library entry point is
+``write_samples(score_fn, sde, shape, path, ...)``, which works for any score function; the
+PNG writers themselves are fpkern.plots.save_image_grid and save_scatter.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 
 import torch
 
+from fpkern.plots import save_image_grid, save_scatter
 from fpkern.sampling import SAMPLERS, sample
 from fpkern.sde import LinearSDE
 
@@ -49,63 +50,20 @@ def load_score_model(path: str | os.PathLike, *, config: str | None = None, ema:
 
 def _load_train_checkpoint(path, *, ema: bool = True):
     """An fpkern training checkpoint (fpkern.train.checkpoint): the network is rebuilt from
-    its saved training_loop options (arch, preset, sde_name, dataset, mlp_width, mlp_depth)
-    with the training loop's own builder, then the EMA (or raw) weights are loaded."""
-    from fpkern.models import ScoreFn
+    its saved training options (arch, preset, sde_name, mlp_width, mlp_depth) with the
+    training loop's own builder (fpkern.models.build_model), then the EMA (or raw) weights
+    are loaded."""
+    from fpkern.models import ScoreFn, build_model
     from fpkern.train import checkpoint as ckpt_io
-    from fpkern.train.loop import build_model
 
     ckpt = ckpt_io.load_checkpoint(path)
     o = ckpt.get("options", {})
-    net, sde, *_ = build_model(o.get("arch"), o.get("preset"), o.get("sde_name", o.get("sde")),
-                                o.get("dataset"), o.get("mlp_width", 128), o.get("mlp_depth", 3))
+    net, sde, *_ = build_model(o.get("arch"), preset=o.get("preset"),
+                               sde=o.get("sde_name", o.get("sde")),
+                               mlp_width=o.get("mlp_width", 128), mlp_depth=o.get("mlp_depth", 3))
     net.load_state_dict(ckpt["ema" if ema else "model"])
     net.eval()
     return ScoreFn(net, sde), sde, tuple(net.input_shape)
-
-
-def save_image_grid(x: torch.Tensor, path, *, data_range=(-1.0, 1.0), nrow: int | None = None) -> None:
-    """Images [B, C, H, W] in data_range -> one PNG grid (uint8, 2-pixel padding)."""
-    from PIL import Image
-
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"images must be [B, 1 or 3, H, W], got {tuple(x.shape)}")
-    lo, hi = data_range
-    u = ((x.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
-    u = torch.floor(u * 256).clamp(0, 255).to(torch.uint8)
-    B, C, H, W = u.shape
-    nrow = nrow or int(math.ceil(math.sqrt(B)))
-    ncol = int(math.ceil(B / nrow))
-    pad = 2
-    grid = torch.zeros(C, ncol * (H + pad) + pad, nrow * (W + pad) + pad, dtype=torch.uint8)
-    for i in range(B):
-        r, c = divmod(i, nrow)
-        grid[:, pad + r * (H + pad): pad + r * (H + pad) + H,
-             pad + c * (W + pad): pad + c * (W + pad) + W] = u[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    Image.fromarray(arr[..., 0] if C == 1 else arr).save(path)
-
-
-def save_scatter(x: torch.Tensor, path, *, reference: torch.Tensor | None = None,
-                 title: str = "") -> None:
-    """2-D samples [B, 2] (and an optional reference set) as a scatter plot PNG."""
-    from fpkern.diagnostics import _pyplot
-
-    if x.dim() != 2 or x.shape[1] != 2:
-        raise ValueError(f"scatter plots need samples [B, 2], got {tuple(x.shape)}")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4, 4))
-    if reference is not None:
-        ax.scatter(*reference.detach().cpu().double().T.numpy(), s=2, alpha=0.3, c="gray",
-                   label="data")
-    ax.scatter(*x.detach().cpu().double().T.numpy(), s=2, alpha=0.6, label="samples")
-    ax.set_aspect("equal")
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_samples(score_fn, sde: LinearSDE, shape, path, *, method: str = "pc",

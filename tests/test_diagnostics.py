@@ -7,7 +7,8 @@ import torch
 
 from fpkern.data.mixture import GaussianMixture
 from fpkern.diagnostics import (conservativity, conservativity_profile, mmd, ode_sde_gap,
-                                plot_residual_profile, residual_profile, sliced_wasserstein)
+                                residual_profile, sliced_wasserstein)
+from fpkern.plots import plot_residual_profile
 from fpkern.sde import VESDE, VPSDE
 
 TS = [1e-3, 0.05, 0.2, 0.5, 0.9]

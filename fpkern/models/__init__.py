@@ -5,6 +5,7 @@ the ScoreFn wrapper that owns every label/output convention, presets and checkpo
     score = ScoreFn(net, sde_from_config(get_config(...)))    # score(x, t)
 """
 
+from fpkern.models.build import BuiltModel, build_model
 from fpkern.models.checkpoint import (CheckpointMismatchError, load_score_sde_checkpoint,
                                       save_score_sde_checkpoint)
 from fpkern.models.ddpm import DDPM
@@ -17,5 +18,5 @@ from fpkern.models.score import ScoreFn
 __all__ = [
     "NCSNpp", "DDPMpp", "DDPM", "MLP", "ScoreFn", "MODELS", "PRESETS", "get_config",
     "from_preset", "from_score_sde_config", "sde_from_config", "load_score_sde_checkpoint",
-    "save_score_sde_checkpoint", "CheckpointMismatchError",
+    "save_score_sde_checkpoint", "CheckpointMismatchError", "build_model", "BuiltModel",
 ]

@@ -4,21 +4,21 @@ A checkpoint is a dict of tensors and plain Python values:
 
     {"format": "fpkern-train", "version": 1, "step": int, "model": state_dict,
      "ema": state_dict, "optimizer": state_dict, "scaler": state_dict or None,
-     "rng": [per-rank random states, see capture_rng], "data": [per-rank data state],
-     "options": {training_loop keyword arguments (plain values)}}
+     "rng": [per-rank random states (fpkern.train.rng.capture_rng)],
+     "data": [per-rank data state], "options": {the run's options (plain values)}}
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from fpkern.train.rng import capture_rng, restore_rng
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "list_checkpoints",
            "latest_checkpoint", "capture_rng", "restore_rng", "is_fpkern_checkpoint"]
@@ -80,33 +80,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 def is_fpkern_checkpoint(ckpt: Any) -> bool:
     return isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
-
-
-def capture_rng(generators: dict[str, torch.Generator]) -> dict[str, Any]:
-    """Every random state a step can touch, as tensors and plain values."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                  "cached_gaussian": float(np_state[4])},
-        "python": [int(py_state[0]), [int(v) for v in py_state[1]], py_state[2]],
-        "generators": {k: g.get_state() for k, g in generators.items()},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
-    torch.set_rng_state(state["torch"])
-    npst = state["numpy"]
-    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    for k, g in generators.items():
-        g.set_state(state["generators"][k])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,6 +1,6 @@
 """``python -m fpkern.train``: typed options with choices and shown defaults, an optional
 TOML (or YAML) config file with the same option names, the command line winning. The
-options become plain keyword arguments of ``training_loop``.
+options become a ``TrainConfig`` (fpkern.train.config), which ``training_loop`` runs.
 
 Exit codes: 0 done, 2 bad options, 3 non-finite loss (the last checkpoint is intact).
 """
@@ -12,15 +12,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from fpkern.losses import DSM_WEIGHTINGS, ESTIMATORS, FP_POINTS, WEIGHTINGS
+from fpkern.train.config import ARCHS, TrainConfig, load_config
 
 __all__ = ["build_parser", "parse_args", "main", "load_config"]
 
 log = logging.getLogger("fpkern.train")
 
-_DEF = "(default: per --arch, see ARCH_DEFAULTS in fpkern/train/loop.py)"
+_DEF = "(default: per --arch, see ARCH_DEFAULTS in fpkern/train/config.py)"
 
 
 def _bool(s: str) -> bool:
@@ -37,13 +38,7 @@ def _opt_int(s: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fpkern.data.images import IMAGE_SETS
-    from fpkern.data.toy2d import TOY_SETS
-    from fpkern.models import PRESETS
-    from fpkern.ops import FORMS, METHODS
-    from fpkern.sde import SDES
-    from fpkern.train.loop import ARCHS
-
+    """The parser of every TrainConfig option (plus --config and --log-level)."""
     p = argparse.ArgumentParser(
         prog="python -m fpkern.train",
         description="Train a score-based diffusion model with the score Fokker-Planck "
@@ -54,7 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None,
                    help="TOML (or YAML, if PyYAML is installed) file setting any of these "
                         "options by name (dashes or underscores); the command line wins")
-    g = p.add_argument_group("model and data")
+    _model_and_data(p.add_argument_group("model and data"))
+    _objective(p.add_argument_group("objective (MATH.md section 4)"))
+    _optimisation(p.add_argument_group("optimisation"))
+    _run_options(p.add_argument_group("run"))
+    return p
+
+
+def _model_and_data(g) -> None:
+    from fpkern.data.images import IMAGE_SETS
+    from fpkern.data.toy2d import TOY_SETS
+    from fpkern.models import PRESETS
+    from fpkern.sde import SDES
+
     g.add_argument("--arch", choices=ARCHS, default="ncsnpp", help="network architecture")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="fpkern.models preset for ncsnpp/ddpmpp (None: small/<arch>)")
@@ -65,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None, help="folder of file-based image sets")
     g.add_argument("--mlp-width", type=int, default=128, help="MLP hidden width")
     g.add_argument("--mlp-depth", type=int, default=3, help="MLP depth")
-    g = p.add_argument_group("objective (MATH.md section 4)")
+
+
+def _objective(g) -> None:
+    from fpkern.ops import FORMS, METHODS
+
     g.add_argument("--alpha", type=float, default=0.15, help="weight of L_vec (0 disables)")
     g.add_argument("--beta", type=float, default=0.01, help="weight of L_scalar (0 disables)")
     g.add_argument("--m", type=float, default=2.0, help="power of the residual norm in L_vec")
@@ -89,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dsm-weighting", choices=DSM_WEIGHTINGS, default="ll",
                    help="DSM weighting: ll = g^2 (likelihood), score_sde = sigma^2")
     g.add_argument("--eps", type=float, default=1e-5, help="t ~ U[eps, T]")
-    g = p.add_argument_group("optimisation")
+
+
+def _optimisation(g) -> None:
     g.add_argument("--steps", type=_opt_int, default=None, help=f"optimizer steps {_DEF}")
     g.add_argument("--batch-size", type=_opt_int, default=None,
                    help=f"global batch size, split over ranks {_DEF}")
@@ -97,11 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=_opt_int, default=None, help=f"linear warm-up steps {_DEF}")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (<= 0: off)")
     g.add_argument("--ema", type=float, default=None, help=f"EMA decay {_DEF}")
-    g.add_argument("--seed", type=int, default=0, help="seed of weights, data and noise")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of weights, data, noise and the global RNGs (torch, numpy, random)")
     g.add_argument("--amp", action="store_true",
                    help="autocast the loss (bfloat16 on CPU, float16 with GradScaler on CUDA)")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    g = p.add_argument_group("run")
+
+
+def _run_options(g) -> None:
     g.add_argument("--workdir", default="runs/fpkern",
                    help="output folder: checkpoints/, samples/, metrics.jsonl, tensorboard/")
     g.add_argument("--resume", action="store_true",
@@ -127,34 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorBoard scalars if the tensorboard package is installed")
     g.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="python logging level")
-    return p
-
-
-def load_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Options from a TOML (.toml) or YAML (.yaml/.yml) file, keys with '_' for '-'.
-    A top-level [train] table, if present, is used."""
-    path = Path(path)
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ValueError(f"{path}: YAML configs need PyYAML; use TOML instead") from None
-        data = yaml.safe_load(path.read_text()) or {}
-    else:
-        import tomllib
-
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    if isinstance(data.get("train"), dict):
-        data = data["train"]
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config is not None:
-        cfg = load_config(args.config)
+        try:
+            cfg = load_config(args.config)
+        except (OSError, ValueError) as e:  # missing file, TOML/YAML syntax, no PyYAML
+            parser.error(f"--config {args.config}: {e}")
         dests = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
         unknown = sorted(set(cfg) - set(dests))
         if unknown:
@@ -175,9 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=args.log_level if rank == 0 else "WARNING",
                         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("config", "log_level")}
+    options = {k: v for k, v in vars(args).items() if k not in ("config", "log_level")}
     try:
-        training_loop(**kwargs)
+        training_loop(TrainConfig(**options))
     except NonFiniteLossError as e:
         log.error("training stopped: %s", e)
         return 3

@@ -13,9 +13,9 @@ __all__ = ["EMA"]
 class EMA:
     """A frozen copy of ``net`` tracking p_ema <- d p_ema + (1 - d) p after each step, with
     Score SDE's warm-up d = min(decay, (1 + n) / (10 + n)), n the number of updates.
-    Buffers are copied as they are. The update is one multi-tensor lerp over all parameters
-    (the elementwise result of a per-tensor loop, bit for bit): on the small NCSN++ preset's
-    217 tensors it takes 1.5 ms on CPU where the loop took 4.8 ms."""
+    Buffers are copied as they are. The update is one multi-tensor lerp over all parameters,
+    the elementwise result of a per-tensor loop bit for bit, at a fraction of the loop's
+    per-tensor overhead (benchmarks/results/README.md, "Design notes")."""
 
     def __init__(self, net: nn.Module, decay: float):
         if not 0 <= decay < 1:

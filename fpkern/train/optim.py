@@ -1,9 +1,9 @@
 """The training loop's optimizer: Adam (betas 0.9 / 0.999, eps 1e-8, as Score SDE), fused.
 
-torch's fused Adam updates every parameter in one kernel per step. On CPU it takes
-2.7 ms a step on the small NCSN++ preset (217 tensors) where the default multi-tensor
-path takes 9.5-14 ms, and 0.75 against 2.2 ms on a width-256 MLP: 10-20% of a plain
-DSM training step. The fused kernel exists for CPU and CUDA floating-point parameters;
+torch's fused Adam updates every parameter in one kernel per step, where the default
+multi-tensor path loops over the tensors: on networks of a few hundred small tensors that
+loop is a noticeable share of a plain DSM step (timings: benchmarks/results/README.md,
+"Design notes"). The fused kernel exists for CPU and CUDA floating-point parameters;
 anything else (parameters on several kinds of device included) gets the default
 implementation.
 """
