@@ -1,8 +1,8 @@
 """Speed and memory of the FPE residual loss: the paper's algorithm ("naive") against fpkern.
 
-Providers: naive (MATH.md 5: nested reverse mode, 3-point time stencil), fused (fpkern's
+Providers: naive (docs/MATH.md 5: nested reverse mode, 3-point time stencil), fused (fpkern's
 method="fused": collapsed Taylor-mode jets with fused kernels; the laplacian form as
-fpkern.ops.terms: one jet pass and one kernel; the div form's gradient by a forward-mode
+fpkern.ops.fused_laplacian: one jet pass and one kernel; the div form's gradient by a forward-mode
 recompute, fpkern.ops.fused_div), projected (the div-form loss as the
 forward-only unbiased (u . r)^2, fpkern.ops.projected_residual) and torch.func (the generic
 forward-mode path, fpkern.ops.forward_mode, that fused falls back to). Modes: "fwd" (the loss

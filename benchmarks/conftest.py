@@ -127,7 +127,8 @@ def record_group(benchmark, request):
         benchmark.extra_info.update(case=case, mode=mode, providers=names, peak_bytes=peaks)
         benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=1)
         for n in names:
-            ts = times[n][1:]                       # without the warm-up round
+            # without the warm-up round; under --benchmark-disable the one call there is
+            ts = times[n][1:] or times[n]
             RESULTS.append(dict(case=case, provider=n, mode=mode, peak_bytes=peaks[n],
                                 median_s=statistics.median(ts), min_s=min(ts), **extra))
         path = request.config.getoption("--bench-json")
@@ -191,6 +192,20 @@ def _bandwidth():
     return out
 
 
+def _op_vs_reference():
+    """(case, mode, speed-up, memory ratio) for every (case, mode) timed with providers
+    "fused" (a fused op) and "torch" (its torch reference): torch's time over fused's, fused's
+    peak memory over torch's (NaN where torch's is 0)."""
+    by = {(r["case"], r["provider"], r["mode"]): r for r in RESULTS if not r.get("oom")}
+    out = []
+    for (case, prov, mode), r in sorted(by.items()):
+        ref = by.get((case, "torch", mode)) if prov == "fused" else None
+        if ref:
+            mem = r["peak_bytes"] / ref["peak_bytes"] if ref["peak_bytes"] else float("nan")
+            out.append((case, mode, ref["min_s"] / r["min_s"], mem))
+    return out
+
+
 def _write_json(path: str, complete: bool) -> None:
     """RESULTS and the ratios as JSON, atomically (a temporary file renamed over `path`);
     `complete` is False while the suite still runs."""
@@ -203,7 +218,9 @@ def _write_json(path: str, complete: bool) -> None:
                 train_step_over_dsm=[dict(case=c, provider=p, ratio=x, fp_term_speedup=fp)
                                      for c, p, x, fp in steps],
                 bandwidth=[dict(case=c, provider=p, gb_per_s=g, of_copy=f)
-                           for c, p, g, f in _bandwidth()])
+                           for c, p, g, f in _bandwidth()],
+                op_vs_reference=[dict(case=c, mode=m, speedup=x, memory_ratio=mm)
+                                 for c, m, x, mm in _op_vs_reference()])
     tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:
         json.dump(data, fh, indent=1)
@@ -233,6 +250,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"{'kernel case':<34}{'provider':<12}{'GB/s':>10}{'of copy bandwidth':>20}")
         for case, prov, gbs, frac in kernels:
             tr.write_line(f"{case:<34}{prov:<12}{gbs:>10.1f}{frac:>19.0%}")
+    ops = _op_vs_reference()
+    if ops:
+        tr.write_line("")
+        tr.write_line("fused op vs torch reference")
+        tr.write_line(f"{'case':<46}{'mode':<10}{'speed-up vs torch':>18}{'memory / torch':>16}")
+        for case, mode, speed, mem in ops:
+            tr.write_line(f"{case:<46}{mode:<10}{speed:>17.2f}x{mem:>16.2f}")
     path = config.getoption("--bench-json")
     if path:
         _write_json(path, complete=True)

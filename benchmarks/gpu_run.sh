@@ -50,8 +50,11 @@ case "$what" in
     part=""
     if [ -n "$sel" ]; then part="-$(printf '%s' "$sel" | tr -cs 'a-zA-Z0-9' '-')"; fi
     name="$gpu-$FPKERN_COMMIT$part"
-    # the kernel bandwidths (seconds) first, then the residual suite, train steps first
-    timeout "${BENCH_SECONDS:-480}" $py -m pytest benchmarks/bench_terms.py \
+    # the micro-benchmarks of the fused ops (seconds; the laplacian_terms file first, its
+    # kernel bandwidth test first in it), then the residual suite, train steps first
+    micro=$(ls benchmarks/bench_*.py | grep -v -e '/bench_residual\.py$' \
+        -e '/bench_laplacian_terms\.py$')
+    timeout "${BENCH_SECONDS:-480}" $py -m pytest benchmarks/bench_laplacian_terms.py $micro \
         benchmarks/bench_residual.py --benchmark-only -q \
         -p no:cacheprovider ${sel:+-k "$sel"} --bench-json "$out/$name.json" 2>&1 \
         | tee "$out/bench-$name.log" | sed -n '/fpkern ratios/,$p' \

@@ -26,8 +26,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 
 from benchmarks.bench_residual import CASES, _case, _train_loss  # noqa: E402
 from fpkern import backend  # noqa: E402
-from fpkern.kernels import (fpe_combine, group_norm_jet, jet_act, mlp_jet,  # noqa: E402
-                            offline, terms)
+from fpkern.kernels import (fpe_combine, group_norm_jet, hutchinson_reduce,  # noqa: E402
+                            jet_act, laplacian_terms, mlp_jet, offline)
 
 _KEYS = ("R", "N1", "NP", "NC", "RB", "KB", "BB", "WIDTH", "DP", "WEIGHTS", "HAS_PAIRS",
          "HAS_COLL", "NPAIRS", "FP64", "UPCAST", "BLOCK")
@@ -35,7 +35,7 @@ _KEYS = ("R", "N1", "NP", "NC", "RB", "KB", "BB", "WIDTH", "DP", "WEIGHTS", "HAS
 
 def record(cases) -> list[dict]:
     """The kernel specializations of the cases' fused and projected train steps."""
-    modules = (fpe_combine, group_norm_jet, jet_act, mlp_jet, terms)
+    modules = (fpe_combine, group_norm_jet, hutchinson_reduce, jet_act, laplacian_terms, mlp_jet)
     with offline.recorded_launches(*modules) as launches, backend.use_backend("triton"):
         for case in cases:
             net, sde, x, t, z = _case(case)

@@ -33,7 +33,7 @@ from fpkern import backend  # noqa: E402
 from fpkern.jet import Layout  # noqa: E402
 from fpkern.kernels import mlp_jet as kernels  # noqa: E402
 from fpkern.models import MLP  # noqa: E402
-from fpkern.ops import mlp_jet as op  # noqa: E402
+from fpkern.jet.fused import mlp_jet as op  # noqa: E402
 
 # the benchmark train steps' passes (benchmarks/kernel_resources.py lists them)
 LAYOUTS = {"laplacian": Layout(n1=2, collapse=(1,)),         # x, v, (-c, 1), collapsed

@@ -1,4 +1,4 @@
-#include "fpe_kernels.h"
+#include "fpe_combine.h"
 
 namespace fpkern {
 

@@ -22,7 +22,7 @@ For each estimator this gives
   draws, divided by tr Cov(g_DSM) over fresh (t, z) draws on the same clean batch, alpha
   being the paper's 0.15. Far below 1, the estimator's noise hardly shows in a step.
 
-The laplacian form penalises a different residual (the conservative form, MATH.md 2); its
+The laplacian form penalises a different residual (the conservative form, docs/MATH.md 2); its
 row is there for its cost and variance, not for an equal comparison.
 
 Outputs in --out: estimator_efficiency.json (every number, the command, git commit,

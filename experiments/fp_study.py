@@ -1,9 +1,9 @@
-"""Issue 6: does the score-FPE regulariser help? Matched DSM vs DSM+FP runs (MATH.md 4).
+"""Issue 6: does the score-FPE regulariser help? Matched DSM vs DSM+FP runs (docs/MATH.md 4).
 
     python experiments/fp_study.py [--steps N --seeds K --out experiments/results] [--images]
 
 2-D part (always): a Gaussian mixture with an exact density (8 components on a ring, the
-MATH.md 6 oracle) and the checkerboard toy set. For each seed, an MLP is pre-trained with plain
+docs/MATH.md 6 oracle) and the checkerboard toy set. For each seed, an MLP is pre-trained with plain
 DSM (``--protocol finetune``, the paper's set-up of fine-tuning a DSM checkpoint; ``scratch``
 skips it), then trained on for ``--steps`` steps once per regulariser weight alpha (beta = 0.01
 when alpha > 0, alpha 0 = plain DSM) from the same checkpoint, on the same data and DSM noise

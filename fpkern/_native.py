@@ -3,7 +3,8 @@
 The C++ kernels (csrc/) take contiguous float32 or float64 buffers; other floating dtypes
 (float16, bfloat16) are upcast to float32 for the call and cast back after it. The torch
 references accumulate in float32, or float64 for float64 inputs (`acc_dtype`). Written once
-here so that each op module holds only its mathematics and its kernel calls.
+here so that each op module holds only its mathematics and its kernel calls, with the
+argument check the ops share (`check_like`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from fpkern import backend
 
 __all__ = ["NATIVE_DTYPES", "acc_dtype", "work_dtype", "rows", "planes", "np_view", "call",
-           "lib"]
+           "lib", "check_like"]
 
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
@@ -40,9 +41,10 @@ def planes(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().reshape(x.shape[0], x.shape[1], -1)
 
 
-def np_view(x: torch.Tensor):
-    """A NumPy view of the (CPU, contiguous) buffer of `x`, for a _C kernel's argument."""
-    return x.detach().numpy()
+def np_view(x: torch.Tensor | None):
+    """A NumPy view of the (CPU, contiguous) buffer of `x`, for a _C kernel's argument;
+    None stays None (an optional argument, such as a GroupNorm without weight)."""
+    return None if x is None else x.detach().numpy()
 
 
 def lib():
@@ -60,3 +62,18 @@ def call(fn_name: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.T
     outs = [torch.empty(o.shape, dtype=work) for o in outputs]
     getattr(lib(), fn_name)(*map(np_view, ins), *scalars, *map(np_view, outs))
     return [o if o.dtype == t.dtype else o.to(t.dtype) for o, t in zip(outs, outputs)]
+
+
+def check_like(name: str, x, ref_name: str, ref: torch.Tensor, shape=None) -> None:
+    """Raise unless `x` is a floating tensor of `shape` (default: ref's) with ref's dtype and
+    device; the message names `x` and, for ref's own shape and for dtype and device, the
+    tensor `ref_name` it must match."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating torch.Tensor")
+    want = tuple(ref.shape if shape is None else shape)
+    if tuple(x.shape) != want:
+        like = f" like {ref_name}" if shape is None else ""
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {want}{like}")
+    if x.dtype != ref.dtype or x.device != ref.device:
+        raise ValueError(f"{name} is {x.dtype} on {x.device}, expected {ref.dtype} on "
+                         f"{ref.device} like {ref_name}")

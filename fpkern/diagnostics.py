@@ -11,10 +11,10 @@
 The PNG writers for these (plot_residual_profile, plot_profiles) live in fpkern.plots.
 
 Definitions (at perturbed points x_t = alpha(t) x0 + sigma(t) z, the 'pert' convention of
-MATH.md 4, one z per data point from the generator):
+docs/MATH.md 4, one z per data point from the generator):
 
 - residual profile, absolute: E_b |r(x_t, t)|^2 (sum over the D features, mean over the
-  batch) for r of each form (MATH.md 2, fpkern.ops.fpe_residual); relative:
+  batch) for r of each form (docs/MATH.md 2, fpkern.ops.fpe_residual); relative:
   E_b |r|^2 / E_b |d_t s|^2, the residual against the size of the time derivative it should
   balance (0 for the true score, about 1 or more when the equation is not satisfied at all).
 - conservativity: E_v |J v - J^T v|^2 / E_v |J v|^2 per sample (J = d s / d x; J v by

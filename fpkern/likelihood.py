@@ -1,4 +1,4 @@
-"""Exact log-likelihoods through the probability-flow ODE (MATH.md section 7).
+"""Exact log-likelihoods through the probability-flow ODE (docs/MATH.md section 7).
 
     log_likelihood(score_fn, sde, x, *, probes=1, probe_dist="rademacher", rtol=1e-5,
                    atol=1e-5, eps=1e-5, generator=None)      -> LikelihoodResult
@@ -57,7 +57,7 @@ class BPDResult(NamedTuple):
 def log_likelihood(score_fn, sde: LinearSDE, x: torch.Tensor, *, probes=1,
                    probe_dist: str = "rademacher", rtol: float = 1e-5, atol: float = 1e-5,
                    eps: float = 1e-5, generator: torch.Generator | None = None) -> LikelihoodResult:
-    """log p(x) in nats per sample by the instantaneous change of variables (MATH.md 7).
+    """log p(x) in nats per sample by the instantaneous change of variables (docs/MATH.md 7).
 
     x: [B, ...] data in the model's range, treated as a sample at time eps.
     probes: int K (drawn from probe_dist with generator, once per solve), a tensor
@@ -100,7 +100,7 @@ def log_likelihood(score_fn, sde: LinearSDE, x: torch.Tensor, *, probes=1,
 def nll_to_bpd(logp: torch.Tensor, dim: int, data_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
     """Bits/dim of 8-bit data from log p of the dequantised data in the model's range.
 
-    bpd = -logp / (D ln 2) + 8 - log2(hi - lo)   (MATH.md 7; Score SDE's offset 7 for [-1, 1],
+    bpd = -logp / (D ln 2) + 8 - log2(hi - lo)   (docs/MATH.md 7; Score SDE's offset 7 for [-1, 1],
     8 for [0, 1]): the density of (k + u) / 256 scaled to [lo, hi] back to the 0..256 grid.
     """
     lo, hi = data_range

@@ -1,4 +1,4 @@
-"""The FP-Diffusion training objective as small callable loss classes (MATH.md section 4).
+"""The FP-Diffusion training objective as small callable loss classes (docs/MATH.md section 4).
 
     L = DSM + alpha * L_vec + beta * L_scalar
 
@@ -60,7 +60,7 @@ ESTIMATORS = ("vector", "projected")
 
 def sample_time(n: int, *, eps: float, T: float, generator: torch.Generator | None = None,
                 device=None, dtype=torch.float32) -> torch.Tensor:
-    """n times t ~ U[eps, T] (MATH.md 4), shape [n]."""
+    """n times t ~ U[eps, T] (docs/MATH.md 4), shape [n]."""
     u = torch.rand(n, generator=generator, dtype=dtype,
                    device=generator.device if generator is not None else device)
     return (eps + (T - eps) * u).to(device)
@@ -85,7 +85,7 @@ class FPOutput(NamedTuple):
 
 
 class DSMLoss:
-    """Denoising score matching, per sample (MATH.md 4):
+    """Denoising score matching, per sample (docs/MATH.md 4):
 
         lambda(t) * mean_D (s(x_t, t) + z / sigma(t))^2,   x_t = alpha(t) x + sigma(t) z,
 
@@ -125,7 +125,7 @@ class DSMLoss:
 
 
 class FPLoss:
-    """The score-FPE regulariser alpha * L_vec + beta * L_scalar (MATH.md 4).
+    """The score-FPE regulariser alpha * L_vec + beta * L_scalar (docs/MATH.md 4).
 
     L_vec per sample: w(t) |r(y, t)|_2^m / D^m with r the score-FPE residual
     (``fpkern.ops.fpe_residual`` with ``form``, ``method``, ``probes``) at points y

@@ -11,7 +11,7 @@ t_0 = T > t_1 > ... > t_steps = eps (uniform in t, as Score SDE):
 | euler_maruyama | reverse SDE: x += (g^2 s - f x) dt + g sqrt(dt) z | 1 |
 | reverse_diffusion | ancestral step with the exact forward transition t' -> t, x_t = a x_t' + sqrt(v) z (a = alpha(t)/alpha(t'), v = sigma(t)^2 - a^2 sigma(t')^2): x = (2 - a) x + v s + sqrt(v) z (Score SDE's ReverseDiffusionPredictor; VE: SMLD, VP: DDPM) | 1 |
 | pc | Langevin corrector (snr, corrector_steps) at t, then the reverse-diffusion predictor (Score SDE's PC sampler) | 1 + corrector_steps |
-| ode | probability-flow ODE dx/dt = f x - 1/2 g^2 s (MATH.md 7), adaptive Dormand-Prince RK45 (rtol, atol) | adaptive |
+| ode | probability-flow ODE dx/dt = f x - 1/2 g^2 s (docs/MATH.md 7), adaptive Dormand-Prince RK45 (rtol, atol) | adaptive |
 | ode_euler | the same ODE with fixed Euler steps | 1 |
 | ode_heun | the same ODE with fixed Heun (trapezoidal RK2) steps | 2 |
 
@@ -21,7 +21,9 @@ x + sigma^2 s for VE (Score SDE's noise_removal); one more score evaluation. The
 samplers also drop the noise of their last step, as Score SDE returns x_mean.
 
 The ODE solver ``odeint_rk45`` is plain torch (float64 times, the state in any dtype, no
-NumPy round trip); it is shared with ``fpkern.likelihood``.
+NumPy round trip); it is shared with ``fpkern.likelihood``. It is kept in place of
+torchdiffeq's dopri5, the same method under another step controller, which measured worse
+on the tests' problems (experiments/ode_solver.py, read in experiments/README.md).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def _coef(fn, t: float) -> float:
 
 def probability_flow_drift(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor,
                            t: torch.Tensor) -> torch.Tensor:
-    """f(t) x - 1/2 g(t)^2 s(x, t), the probability-flow ODE's velocity (MATH.md 7)."""
+    """f(t) x - 1/2 g(t)^2 s(x, t), the probability-flow ODE's velocity (docs/MATH.md 7)."""
     f, g2 = sde.f(t).to(x.dtype), sde.g2(t).to(x.dtype)
     return bcast(f, x) * x - 0.5 * bcast(g2, x) * score_fn(x, t)
 

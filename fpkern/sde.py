@@ -1,4 +1,4 @@
-"""Forward SDEs with linear drift: VE, VP and sub-VP (MATH.md section 1).
+"""Forward SDEs with linear drift: VE, VP and sub-VP (docs/MATH.md section 1).
 
 Each SDE has the Score SDE interface (``T``, ``N``, ``sde``, ``marginal_prob``,
 ``prior_sampling``, ``prior_logp``, ``discretize``, ``reverse``) plus the scalar

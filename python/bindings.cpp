@@ -5,13 +5,9 @@
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fpkern CPU kernels (float32 and float64; contiguous buffers)";
-  fpkern_py::bind_combine(m);
-  fpkern_py::bind_fpe_terms(m);
+  fpkern_py::bind_fpe_combine(m);
+  fpkern_py::bind_hutchinson_reduce(m);
+  fpkern_py::bind_laplacian_terms(m);
   fpkern_py::bind_jet_act(m);
   fpkern_py::bind_group_norm_jet(m);
-#if defined(FPKERN_WITH_OPENMP)
-  m.attr("with_openmp") = true;
-#else
-  m.attr("with_openmp") = false;
-#endif
 }

@@ -62,8 +62,9 @@ inline fpkern::JetLayout checked_layout(py::ssize_t rows, int64_t n1, int64_t np
 }
 
 // One binder per kernel family (python/bind_*.cpp), called from bindings.cpp.
-void bind_combine(py::module_& m);
-void bind_fpe_terms(py::module_& m);
+void bind_fpe_combine(py::module_& m);
+void bind_hutchinson_reduce(py::module_& m);
+void bind_laplacian_terms(py::module_& m);
 void bind_jet_act(py::module_& m);
 void bind_group_norm_jet(py::module_& m);
 

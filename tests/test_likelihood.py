@@ -1,4 +1,4 @@
-"""Probability-flow likelihood against the exact mixture log-density (MATH.md 6, 7)."""
+"""Probability-flow likelihood against the exact mixture log-density (docs/MATH.md 6, 7)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Samplers against the Gaussian-mixture oracle (MATH.md 6), the RK45 solver, the sample CLI."""
+"""Samplers against the Gaussian-mixture oracle (docs/MATH.md 6), RK45 and the sample CLI."""
 
 import math
 
@@ -114,6 +114,19 @@ def test_rk45_matches_closed_form_and_scipy_counts():
     back = odeint_rk45(lambda t, y: -y, torch.ones(2, dtype=torch.float64), 2.0, 0.0,
                        rtol=1e-9, atol=1e-12)
     assert abs(back.y[0].item() - math.exp(2)) < 1e-7
+
+
+def test_rk45_errors_name_the_problem():
+    ones = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match="non-finite state at t=0"):
+        odeint_rk45(lambda t, y: y * float("nan"), ones, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="no convergence after 3 steps"):
+        odeint_rk45(lambda t, y: -math.cos(t) * y, ones, 0.0, 50.0, rtol=1e-10, atol=1e-12,
+                    max_steps=3)
+    with pytest.raises(ValueError, match="rtol and atol must be positive"):
+        odeint_rk45(lambda t, y: y, ones, 0.0, 1.0, rtol=0.0)
+    same = odeint_rk45(lambda t, y: y, ones, 1.0, 1.0)
+    assert same.y is ones and same.nfe == same.steps == same.rejected == 0
 
 
 def test_write_samples_png(gm, tmp_path):

@@ -1,4 +1,4 @@
-"""Isotropic Gaussian mixtures: the exact oracle of MATH.md section 6.
+"""Isotropic Gaussian mixtures: the exact oracle of docs/MATH.md section 6.
 
 Data sum_k w_k N(mu_k, s_k^2 I) stays a Gaussian mixture under a linear SDE,
 

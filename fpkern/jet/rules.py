@@ -10,6 +10,11 @@ Four kinds of rule cover the score networks of fpkern.models:
   - bilinear products p * q, einsum, matmul of two Jets: the Leibniz rule up to order 2.
 Composite layers (GroupNorm, softmax, var_mean, division) are expanded into those.
 Anything else raises JetUnsupported naming the function, never a wrong answer.
+
+Activations and GroupNorm run as fused ops (fpkern.jet.fused) where a kernel backend runs
+them. A whole network may bring a rule of its own: the layer that defines it registers it
+with `register_rule` (fpkern.models.mlp does so for the MLP); this package imports no
+model and no residual op.
 """
 
 from __future__ import annotations
@@ -23,11 +28,26 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from fpkern import backend
+from fpkern.jet.elementwise import cross_rows, elementwise_rows
 from fpkern.jet.tensor import Jet, JetUnsupported, Layout
 
-__all__ = ["dispatch", "HANDLERS", "composite_rules", "kernels_enabled"]
+__all__ = ["dispatch", "HANDLERS", "register_rule", "composite_rules", "kernels_enabled",
+           "layout_of", "lift"]
 
+#: The jet rule of each torch function (and of registered whole-network functions):
+#: handler(func, args, kwargs) -> the result on Jets.
 HANDLERS: dict = {}
+
+
+def register_rule(fn, handler) -> None:
+    """Make `handler(func, args, kwargs)` the jet rule of `fn`, a function that dispatches
+    through ``__torch_function__`` (torch.overrides.handle_torch_function). A later
+    registration of the same `fn` replaces the earlier one."""
+    if not callable(fn) or not callable(handler):
+        raise TypeError(f"register_rule needs two callables, got {type(fn).__name__} and "
+                        f"{type(handler).__name__}")
+    HANDLERS[fn] = handler
 
 
 def _register(names, modules=(torch, torch.Tensor, F, torch.special)):
@@ -45,7 +65,8 @@ def _wrap(rows: torch.Tensor, layout: Layout) -> Jet:
     return Jet(rows, layout)
 
 
-def _layout_of(objs) -> Layout:
+def layout_of(objs) -> Layout:
+    """The one layout of the Jets among `objs` (JetUnsupported when they differ)."""
     layouts = {o.layout for o in objs if isinstance(o, Jet)}
     if len(layouts) != 1:
         raise JetUnsupported(f"Jets with different layouts meet in one op: {layouts}")
@@ -56,7 +77,7 @@ def _value(x):
     return x.rows[0] if isinstance(x, Jet) else x
 
 
-def _lift(c, layout: Layout, like: torch.Tensor) -> torch.Tensor:
+def lift(c, layout: Layout, like: torch.Tensor) -> torch.Tensor:
     """A constant as rows: (c, 0, 0, ...), on the device of `like`."""
     c = torch.as_tensor(c, device=like.device)
     if not c.is_floating_point():
@@ -134,7 +155,7 @@ def _linear(func, args, kwargs):
     """Apply a map that is linear in its Jet arguments to every row (vmap over rows)."""
     flat, spec = tree_flatten((args, kwargs))
     pos = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
-    layout = _layout_of([flat[i] for i in pos])
+    layout = layout_of([flat[i] for i in pos])
 
     def one(*rows):
         f2 = list(flat)
@@ -221,7 +242,7 @@ def _like(func, args, kwargs):
         return func(x, *rest, **kw)           # a constant converted like a Jet: still constant
     if func in (torch.Tensor.to, torch.Tensor.type_as) and "memory_format" not in kw:
         # a dtype or device conversion acts on each element alike: on the row stack at once
-        # (ScoreFn converts t and sigma(t) on every pass; through vmap ~3x slower)
+        # (ScoreFn converts t and sigma(t) on every pass; vmap would cost several times more)
         return _wrap(func(x.rows, *rest, **kw), x.layout)
     return _linear(func, (x,) + tuple(rest), kw)
 
@@ -306,7 +327,7 @@ def _broadcast_rows(rows: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def _sum_rows(a, b, sign: float):
     """a + sign * b where either may be a constant: constants join the value row only."""
-    layout = _layout_of([a, b])
+    layout = layout_of([a, b])
     if isinstance(b, (int, float)) or isinstance(a, (int, float)):   # x + c: only row 0 moves
         x, c = (a, sign * b) if isinstance(a, Jet) else (b, a)
         r = x.rows if isinstance(a, Jet) else sign * x.rows
@@ -316,8 +337,8 @@ def _sum_rows(a, b, sign: float):
     if isinstance(a, Jet) and isinstance(b, Jet) and a.rows.shape == b.rows.shape:
         return _wrap(torch.add(a.rows, b.rows, alpha=sign), layout)     # the common case
     like = (a if isinstance(a, Jet) else b).rows
-    A = a.rows if isinstance(a, Jet) else _lift(a, layout, like)
-    B = b.rows if isinstance(b, Jet) else _lift(b, layout, like)
+    A = a.rows if isinstance(a, Jet) else lift(a, layout, like)
+    B = b.rows if isinstance(b, Jet) else lift(b, layout, like)
     nd = max(A.dim(), B.dim()) - 1
     return _wrap(_broadcast_rows(A, nd) + sign * _broadcast_rows(B, nd), layout)
 
@@ -347,9 +368,9 @@ def _rsub(func, args, kwargs):
 @_register(["cat", "concat", "concatenate", "stack"])
 def _cat(func, args, kwargs):
     seq = args[0]
-    layout = _layout_of(seq)
+    layout = layout_of(seq)
     like = next(a for a in seq if isinstance(a, Jet)).rows
-    lifted = [a if isinstance(a, Jet) else _wrap(_lift(a, layout, like), layout) for a in seq]
+    lifted = [a if isinstance(a, Jet) else _wrap(lift(a, layout, like), layout) for a in seq]
     dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
     if isinstance(dim, int) and len(args) <= 2 and set(kwargs) <= {"dim"}:
         # the row axis leads: the same op on the row stacks, one axis further in
@@ -359,35 +380,19 @@ def _cat(func, args, kwargs):
 
 
 # ---- elementwise nonlinearities ----------------------------------------------------------
-def _cross(L: Layout, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """The second-order products of two row stacks, one per second-order row:
-    A_a B_b for each pair (a, b), then mean_k A_k B_k over the collapsed rows."""
-    parts = []
-    if L.pairs:
-        a, b = zip(*L.pairs)
-        parts.append(A[list(a)] * B[list(b)])
-    if L.collapse:
-        k = L.collapse_index
-        parts.append((A[k] * B[k]).mean(0, keepdim=True))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
 def _elementwise(x: Jet, phi, d1, d2) -> Jet:
     """phi applied to a Jet, given phi(x0), phi'(x0) and phi''(x0)."""
-    L, r = x.layout, x.rows
-    if not (L.pairs or L.collapse):
-        return _wrap(torch.cat([phi[None], d1 * r[1:]]), L)
-    second = d1 * r[L.second] + d2 * _cross(L, r, r)
-    return _wrap(torch.cat([phi[None], d1 * r[L.first], second]), L)
+    return _wrap(elementwise_rows(x.rows, x.layout, phi, d1, d2), x.layout)
 
 
 def _act_after_group_norm(x: Jet, act: str):
     """act(GroupNorm(...)) as one node that saves the GroupNorm's input only
-    (fpkern.ops.group_norm_act), when x is the fused GroupNorm rule's output; else None."""
+    (fpkern.jet.fused.group_norm_act), when x is the fused GroupNorm rule's output; else
+    None."""
     src = x._source
     if src is None or src[0] != "group_norm" or not kernels_enabled():
         return None
-    from fpkern.ops.group_norm_act import group_norm_act
+    from fpkern.jet.fused.group_norm_act import group_norm_act
     _, rows, w, b, groups, eps, spec, mean, var = src
     return group_norm_act(rows, w, b, groups, eps, spec, act, x.rows, mean, var)
 
@@ -409,14 +414,13 @@ def _unary(derivs, fused: str | None = None):
 def _native_backend(rows: torch.Tensor) -> bool:
     """Whether a fused op on `rows` runs a kernel (C++ on CPU, Triton on CUDA): with only
     the torch backend, its reference is no faster than the composite rules."""
-    from fpkern import backend
     return backend.select(rows) != "torch"
 
 
 def _fused_act(x: Jet, act: str):
-    """The rule as one fused kernel (fpkern.ops.jet_act) where a native backend runs it; None
-    elsewhere or where kernels are switched off (composite_rules)."""
-    from fpkern.ops.jet_act import jet_act
+    """The rule as one fused kernel (fpkern.jet.fused.jet_act) where a native backend runs it;
+    None elsewhere or where kernels are switched off (composite_rules)."""
+    from fpkern.jet.fused.jet_act import jet_act
     spec = x.layout.kernel_spec
     if (spec is None or len(x.rows.shape) < 2 or not kernels_enabled()
             or not _native_backend(x.rows)):
@@ -599,7 +603,7 @@ def _mul_rows(P, Q, layout: Layout):
     if not (layout.pairs or layout.collapse):
         return torch.cat([p0 * q0, first])
     S = layout.second
-    second = P[S] * q0 + p0 * Q[S] + _cross(layout, P, Q) + _cross(layout, Q, P)
+    second = P[S] * q0 + p0 * Q[S] + cross_rows(layout, P, Q) + cross_rows(layout, Q, P)
     return torch.cat([p0 * q0, first, second])
 
 
@@ -607,7 +611,7 @@ def _mul_rows(P, Q, layout: Layout):
 def _mul(func, args, kwargs):
     a, b = args[0], args[1]
     if isinstance(a, Jet) and isinstance(b, Jet):
-        layout = _layout_of([a, b])
+        layout = layout_of([a, b])
         return _wrap(_mul_rows(a.rows, b.rows, layout), layout)
     x, c = (a, b) if isinstance(a, Jet) else (b, a)
     return _wrap(x.rows * c, x.layout)       # scaling by a constant: linear
@@ -629,18 +633,20 @@ def _rdiv(func, args, kwargs):
     return c * torch.reciprocal(x)
 
 
-def _two_operand(func, fn):
+def _two_operand(fn):
+    """The rule of a bilinear fn(a, b) (matmul and kin): Leibniz when both are Jets, else
+    linear in the one Jet."""
     def handler(f, args, kwargs):
         a, b = args[0], args[1]
         if isinstance(a, Jet) and isinstance(b, Jet):
-            layout = _layout_of([a, b])
+            layout = layout_of([a, b])
             return _wrap(_bilinear(fn, a, b, layout), layout)
         return _linear(f, args, kwargs)
     return handler
 
 
 for _name in ("matmul", "bmm", "mm", "outer"):
-    _register([_name, f"__{_name}__"])(_two_operand(None, getattr(torch, _name)))
+    _register([_name, f"__{_name}__"])(_two_operand(getattr(torch, _name)))
 
 
 def _einsum_with_rows(eq: str, is_jet: list[bool]) -> str | None:
@@ -675,7 +681,7 @@ def _einsum(func, args, kwargs):
         return _linear(torch.einsum, (eq,) + tuple(ops), kwargs)
     if len(ops) != 2:
         raise JetUnsupported("einsum of more than two operands with several Jets has no jet rule")
-    layout = _layout_of(jets)
+    layout = layout_of(jets)
     batched = [_einsum_with_rows(eq, flags) for flags in ([False, True], [True, False],
                                                            [True, True])]
     if None in batched:
@@ -714,9 +720,10 @@ def _group_norm(func, args, kwargs):
     if (spec is not None and x.rows.dtype in (torch.float32, torch.float64) and x.dim() >= 2
             and not isinstance(weight, Jet) and not isinstance(bias, Jet)
             and kernels_enabled() and _native_backend(x.rows)):
-        # the fused rule (one op, hand-written backward); lazy import: fpkern.ops uses jets
-        from fpkern.ops._eager import tracing
-        from fpkern.ops.group_norm_jet import group_norm_jet_stats
+        # the fused rule (one op, hand-written backward); imported on first use, which keeps
+        # `import fpkern.jet` from registering the fused ops
+        from fpkern.jet.fused.eager import tracing
+        from fpkern.jet.fused.group_norm_jet import group_norm_jet_stats
         y, w, b, mean, var = group_norm_jet_stats(x.rows, groups, weight, bias, eps, spec)
         out = _wrap(y, x.layout)
         if not tracing(x.rows):     # an activation next fuses with it (_act_after_group_norm)
@@ -764,39 +771,3 @@ def _softmax(func, args, kwargs):
             corr.append(torch.stack([cross(k, k) for k in L.collapse]).mean(0))
         out.append(second + torch.stack(corr))
     return _wrap(torch.cat(out), L)
-
-
-# ---- whole networks --------------------------------------------------------------------
-def _mlp_forward(func, args, kwargs):
-    """fpkern.models.mlp.mlp_forward on Jets: the whole MLP as one fused op
-    (fpkern.ops.mlp_jet) where a fused backend runs (Triton on CUDA tensors, C++ on CPU
-    ones), the activation is SiLU and the op takes the rows (fpkern.ops.mlp_jet.
-    kernel_unsupported); anywhere else the composite network on the per-op rules above."""
-    from fpkern import backend
-    from fpkern.models.mlp import mlp_composite
-
-    def bind(x, t, params, act):
-        return x, t, params, act
-
-    x, t, params, act = bind(*args, **kwargs)
-    jets = [a for a in (x, t) if isinstance(a, Jet)]
-    if (jets and not any(isinstance(p, Jet) for p in params.tensors())
-            and (isinstance(act, torch.nn.SiLU) or act is F.silu)):
-        layout = _layout_of(jets)
-        like = jets[0].rows
-        if kernels_enabled() and backend.select(like) != "torch":
-            from fpkern.ops import mlp_jet as fused
-            x_rows = x.rows if isinstance(x, Jet) else _lift(x, layout, like)
-            t_rows = t.rows if isinstance(t, Jet) else _lift(t, layout, like)
-            spec = layout.kernel_spec
-            if fused.kernel_unsupported(x_rows, t_rows, params, spec) is None:
-                return _wrap(fused.mlp_jet(x_rows, t_rows, params, spec), layout)
-    return mlp_composite(x, t, params, act)
-
-
-def _register_networks():
-    from fpkern.models.mlp import mlp_forward
-    HANDLERS[mlp_forward] = _mlp_forward
-
-
-_register_networks()

@@ -1,8 +1,9 @@
-"""Triton kernels: the score-FPE residual assembled from its terms, and the Hutchinson reduction.
+"""Triton kernels of fpkern::fpe_combine: the score-FPE residual assembled from its terms,
+r = d_t s - 1/2 g2 * second - J c + f s, per (rows, cols) row, and its backward.
 
-Launchers take contiguous (rows, cols) views (probe stacks as (K, rows, cols)) and allocate
-their outputs; the autograd ops that call them live in fpkern/ops/combine.py. Arithmetic runs
-in float32 (float64 for float64 inputs); row sums accumulate per lane, then reduce.
+Launchers take contiguous (rows, cols) views and allocate their outputs; the autograd op that
+calls them is fpkern/ops/fpe_combine.py. Arithmetic runs in float32 (float64 for float64
+inputs); the backward's row sums for g2 and f accumulate per lane, then reduce.
 """
 
 from __future__ import annotations
@@ -11,22 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fpkern.kernels._common import load as _ld
-
-_MAX_BLOCK = 4096
-
-
-def _block(cols: int) -> int:
-    return max(16, min(_MAX_BLOCK, triton.next_power_of_2(cols)))
-
-
-@triton.jit
-def _acc_zeros(BLOCK: tl.constexpr, FP64: tl.constexpr):
-    if FP64:
-        acc = tl.zeros([BLOCK], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-    return acc
+from fpkern.kernels._common import acc_zeros as _acc_zeros, block as _block, load as _ld, \
+    upcast as _upcast
 
 
 @triton.jit
@@ -68,40 +55,6 @@ def _combine_bwd_kernel(go_ptr, second_ptr, s_ptr, g2_ptr, f_ptr, d_dts_ptr, d_s
     tl.store(d_f_ptr + row, tl.sum(acc_f, axis=0).to(d_f_ptr.dtype.element_ty))
 
 
-@triton.jit
-def _hutchinson_fwd_kernel(v_ptr, jv_ptr, out_ptr, K, rows, cols,
-                           UPCAST: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    acc = _acc_zeros(BLOCK, FP64)
-    for k in range(0, K):
-        base = (k * rows + row) * cols
-        for start in range(0, cols, BLOCK):
-            cols_ = start + tl.arange(0, BLOCK)
-            mask = cols_ < cols
-            v = _ld(v_ptr, base + cols_, mask, UPCAST)
-            jv = _ld(jv_ptr, base + cols_, mask, UPCAST)
-            acc += v * jv
-    tl.store(out_ptr + row, (tl.sum(acc, axis=0) / K).to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _hutchinson_bwd_kernel(go_ptr, v_ptr, jv_ptr, d_v_ptr, d_jv_ptr, K, rows, cols,
-                           UPCAST: tl.constexpr, BLOCK: tl.constexpr):
-    plane = tl.program_id(0).to(tl.int64)  # k * rows + row
-    row = plane % rows
-    cols_ = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols_ < cols
-    offs = plane * cols + cols_
-    w = _ld(go_ptr, row, True, UPCAST) / K
-    ty = d_v_ptr.dtype.element_ty
-    tl.store(d_v_ptr + offs, (w * _ld(jv_ptr, offs, mask, UPCAST)).to(ty), mask=mask)
-    tl.store(d_jv_ptr + offs, (w * _ld(v_ptr, offs, mask, UPCAST)).to(ty), mask=mask)
-
-
-def _upcast(t: torch.Tensor) -> bool:
-    return t.dtype in (torch.float16, torch.bfloat16)
-
-
 def fpe_combine_forward(dts, second, jc, s, g2, f) -> torch.Tensor:
     rows, cols = dts.shape
     out = torch.empty_like(dts)
@@ -120,21 +73,3 @@ def fpe_combine_backward(go, second, s, g2, f):
                                  cols, UPCAST=_upcast(go), FP64=go.dtype == torch.float64,
                                  BLOCK=block)
     return d_dts, d_second, d_jc, d_s, d_g2, d_f
-
-
-def hutchinson_forward(v, jv) -> torch.Tensor:
-    K, rows, cols = v.shape
-    out = torch.empty(rows, dtype=v.dtype, device=v.device)
-    block = min(_block(cols), 1024)
-    _hutchinson_fwd_kernel[(rows,)](v, jv, out, K, rows, cols, UPCAST=_upcast(v),
-                                    FP64=v.dtype == torch.float64, BLOCK=block)
-    return out
-
-
-def hutchinson_backward(go, v, jv):
-    K, rows, cols = v.shape
-    d_v, d_jv = torch.empty_like(v), torch.empty_like(jv)
-    block = _block(cols)
-    _hutchinson_bwd_kernel[(K * rows, triton.cdiv(cols, block))](
-        go, v, jv, d_v, d_jv, K, rows, cols, UPCAST=_upcast(v), BLOCK=block)
-    return d_v, d_jv

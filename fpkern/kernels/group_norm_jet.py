@@ -1,4 +1,4 @@
-"""Triton kernels: the GroupNorm jet rule (fpkern/ops/group_norm_jet.py has the formulas).
+"""Triton kernels: the GroupNorm jet rule (formulas in fpkern/jet/fused/group_norm_jet.py).
 
 One program per (sample, group). It holds all R rows of a block of the group's N elements
 as an [RB, BLOCK] tile (RB = R padded to a power of 2). Per-row scalars (means, variance

@@ -5,7 +5,8 @@ rows c0 .. c0+nc-1) is compile-time, the pair indices a small int64 tensor. With
 d_j = phi^(j)(x0): y0 = phi(x0), y_i = d1 x_i, y_pair = d1 x_pair + d2 x_a x_b,
 y_coll = d1 x_coll + d2 mean_k x_k^2. The backward kernel is its vector-Jacobian product.
 Arithmetic in float32 (float64 for float64 rows); tanh is computed from exp(-2|x|), which
-every Triton version has. The autograd op that calls these lives in fpkern/ops/jet_act.py.
+every Triton version has. The autograd op that calls these lives in
+fpkern/jet/fused/jet_act.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fpkern.kernels._common import load as _ld
+from fpkern.kernels._common import load as _ld, upcast as _upcast
 
 SILU, TANH, SIGMOID = 0, 1, 2
 _BLOCK = 1024
@@ -119,10 +120,6 @@ def _pairs(pair_a, pair_b, device):
     a = torch.tensor(list(pair_a) or [0], dtype=torch.int64, device=device)
     b = torch.tensor(list(pair_b) or [0], dtype=torch.int64, device=device)
     return a, b
-
-
-def _upcast(x: torch.Tensor) -> bool:
-    return x.dtype in (torch.float16, torch.bfloat16)
 
 
 def jet_act_forward(rows: torch.Tensor, act: int, n1: int, pair_a, pair_b, c0: int,

@@ -26,7 +26,7 @@ its accuracy, and "ieee" compiles to CUDA-core FMA code that spills heavily: che
 triton.compile for sm_90, 8 warps, 32-wide tiles: R = 8, width 256 compiles in ~10 s / ~25 s
 with a few KB of spills in the backward) and "ieee" under the interpreter and on ROCm. Only
 Triton APIs that Triton 3.0 already has are used. Launchers take contiguous float32 tensors;
-fpkern/ops/mlp_jet.py checks them.
+fpkern/jet/fused/mlp_jet.py checks them.
 """
 
 from __future__ import annotations

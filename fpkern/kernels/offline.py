@@ -11,7 +11,7 @@ registers, spills and shared memory that decide a kernel's speed on the GPU. Her
   with its registers and spill stack per thread (from the cuobjdump that Triton ships) and its
   shared memory.
 
-tests/ops (the kernels' tests) and benchmarks/kernel_resources.py use them.
+tests/ops and tests/jet/fused (the kernels' tests) and benchmarks/kernel_resources.py use them.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class GroupNorm(nn.GroupNorm):
       the per-channel affine map, so that nested jvp and vmap see only elementwise ops and
       reductions on every device and torch version.
     - Jets (fpkern.jet): ``F.group_norm``, whose jet rule is one fused op
-      (fpkern/ops/group_norm_jet.py); the composite would expand into ~30 jet ops.
+      (fpkern/jet/fused/group_norm_jet.py); the composite would expand into ~30 jet ops.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,47 +10,26 @@ width ``width``; h = Linear(x) + temb; then ``depth - 1`` blocks h = Linear(act(
 with its own projection of the embedding added); output Linear(act(h)) -> dim.
 
 The computation is the module-level function ``mlp_forward(x, t, params, act)``, which
-tensor subclasses may override through ``__torch_function__``: on Jets (fpkern.jet) it runs
-the whole network as one fused op where a kernel exists (fpkern.ops.mlp_jet), while the
-module itself knows nothing of jets.
+tensor subclasses may override through ``__torch_function__``. This module registers its
+jet rule (fpkern.jet.register_rule): on Jets the whole network runs as one fused op where a
+kernel exists (fpkern.jet.fused.mlp_jet), else as the composite network.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import handle_torch_function, has_torch_function
 
+from fpkern.jet import register_rule
+from fpkern.jet.fused.mlp_jet import mlp_jet_rule
+from fpkern.jet.fused.mlp_rows import MLPParams
 from fpkern.models import layers as L
 
 __all__ = ["MLP", "MLPParams", "mlp_forward", "mlp_composite"]
-
-
-class MLPParams(NamedTuple):
-    """The tensors of an MLP, by role. hidden_* and proj_* hold one entry per block
-    (a tuple, or a stacked [depth - 1, ...] tensor)."""
-
-    fourier: torch.Tensor      # [E] Gaussian Fourier frequencies (fixed)
-    temb_w: torch.Tensor       # [width, 2E]
-    temb_b: torch.Tensor       # [width]
-    in_w: torch.Tensor         # [width, dim]
-    in_b: torch.Tensor         # [width]
-    hidden_w: tuple            # depth - 1 x [width, width]
-    hidden_b: tuple            # depth - 1 x [width]
-    proj_w: tuple              # depth - 1 x [width, width]
-    proj_b: tuple              # depth - 1 x [width]
-    out_w: torch.Tensor        # [dim, width]
-    out_b: torch.Tensor        # [dim]
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        out = []
-        for p in self:
-            out.extend(p if isinstance(p, (tuple, list)) else (p,))
-        return tuple(out)
 
 
 def fourier_features(t: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -70,11 +49,14 @@ def mlp_composite(x: torch.Tensor, t: torch.Tensor, p: MLPParams, act) -> torch.
 
 def mlp_forward(x: torch.Tensor, t: torch.Tensor, params: MLPParams, act) -> torch.Tensor:
     """MLP output for x [B, dim], t [B]; overridable with ``__torch_function__``
-    (fpkern.jet.rules registers a rule for Jets)."""
+    (the jet rule registered below)."""
     relevant = (x, t) + params.tensors()
     if has_torch_function(relevant):
         return handle_torch_function(mlp_forward, relevant, x, t, params, act)
     return mlp_composite(x, t, params, act)
+
+
+register_rule(mlp_forward, mlp_jet_rule(mlp_composite))
 
 
 class MLP(nn.Module):

@@ -1,6 +1,6 @@
 """ScoreFn: the one place that turns a raw network into the score s(x, t) = grad_x log q_t(x).
 
-Conventions, as Score SDE's ``get_score_fn`` for continuous training (MATH.md section 1):
+Conventions, as Score SDE's ``get_score_fn`` for continuous training (docs/MATH.md section 1):
 
 | network | SDE | labels | score |
 |---|---|---|---|

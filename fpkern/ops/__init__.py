@@ -1,20 +1,22 @@
-"""Score-FPE residual ops and their fused building blocks.
+"""Score-FPE residual ops: fpe_residual, fpe_terms, FPETerms, projected_residual,
+hutchinson_divergence, laplacian, and the fused ops they are built from.
 
-The fused jet rules live in their own modules, each op beside its reference:
-fpkern.ops.jet_act (activations), fpkern.ops.group_norm_jet, fpkern.ops.group_norm_act (an
-activation after a GroupNorm as one node keeping less), fpkern.ops.mlp_jet (the whole MLP,
-Triton) and fpkern.ops.terms (the laplacian-form FPE terms). The div-form residual's
-gradient: fpkern.ops.fused_div."""
+The residual methods live in exact, naive, forward_mode (the generic torch.func path) and
+the fused ones: jet_pass (the network on Jets, fpkern.jet), fused_laplacian and fused_div.
+Each torch.library op has its module beside its reference: fpe_combine, hutchinson_reduce
+and laplacian_terms (the laplacian-form FPE terms in one pass). The fused jet-rule ops
+(activations, GroupNorm, the whole MLP) are part of fpkern.jet.fused.
+"""
 
 from fpkern.ops._common import scalar_fpe_rhs
-from fpkern.ops.combine import (fpe_combine, fpe_combine_ref, hutchinson_reduce,
-                                hutchinson_reduce_ref)
-from fpkern.ops.terms import combine_terms, combine_terms_ref
+from fpkern.ops.fpe_combine import fpe_combine, fpe_combine_ref
+from fpkern.ops.hutchinson_reduce import hutchinson_reduce, hutchinson_reduce_ref
+from fpkern.ops.laplacian_terms import laplacian_terms, laplacian_terms_ref
 from fpkern.ops.probes import PROBE_DISTS, draw_probes
 from fpkern.ops.residual import (FORMS, METHODS, FPETerms, fpe_residual, fpe_terms,
                                  hutchinson_divergence, laplacian, projected_residual)
 
 __all__ = ["fpe_residual", "fpe_terms", "FPETerms", "projected_residual",
            "hutchinson_divergence", "laplacian", "scalar_fpe_rhs", "fpe_combine",
-           "hutchinson_reduce", "combine_terms", "fpe_combine_ref", "hutchinson_reduce_ref",
-           "combine_terms_ref", "draw_probes", "FORMS", "METHODS", "PROBE_DISTS"]
+           "hutchinson_reduce", "laplacian_terms", "fpe_combine_ref", "hutchinson_reduce_ref",
+           "laplacian_terms_ref", "draw_probes", "FORMS", "METHODS", "PROBE_DISTS"]

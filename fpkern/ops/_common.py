@@ -35,14 +35,14 @@ def flat_dim(x: torch.Tensor) -> int:
 def scalar_fpe_rhs(x: torch.Tensor, s: torch.Tensor, div: torch.Tensor, f: torch.Tensor,
                    g2: torch.Tensor) -> torch.Tensor:
     """1/2 g^2 (div s + |s|^2) - f <x, s> per sample [B]: the scalar score-FPE right-hand side
-    without -D f (MATH.md sections 2 and 4)."""
+    without -D f (docs/MATH.md sections 2 and 4)."""
     return 0.5 * g2 * (div + s.flatten(1).pow(2).sum(1)) - f * (x * s).flatten(1).sum(1)
 
 
 def div_form_residual(xg: torch.Tensor, s: torch.Tensor, div: torch.Tensor, dts: torch.Tensor,
                       f: torch.Tensor, g2: torch.Tensor, *,
                       create_graph: bool = True) -> torch.Tensor:
-    """r = d_t s - grad_x [scalar_fpe_rhs] by one reverse pass from the leaf xg (MATH.md 2),
+    """r = d_t s - grad_x [scalar_fpe_rhs] by one reverse pass from the leaf xg (docs/MATH.md 2),
     by default with create_graph so a parameter gradient can differentiate through it."""
     (grad_h,) = torch.autograd.grad(scalar_fpe_rhs(xg, s, div, f, g2).sum(), xg,
                                     create_graph=create_graph)

@@ -12,7 +12,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from fpkern.ops._common import bcast, flat_dim, sde_coefficients
-from fpkern.ops.combine import fpe_combine
+from fpkern.ops.fpe_combine import fpe_combine
 
 __all__ = ["MAX_DIM", "score_and_time_derivative", "jacobian", "divergence", "laplacian",
            "grad_divergence", "residual"]
@@ -78,7 +78,7 @@ def grad_divergence(score_fn, x, t) -> torch.Tensor:
 
 
 def residual(score_fn, x, t, sde, form: str) -> torch.Tensor:
-    """The exact score-FPE residual r (form "div") or r_c (form "laplacian"), MATH.md 2."""
+    """The exact score-FPE residual r (form "div") or r_c (form "laplacian"), docs/MATH.md 2."""
     _check_dim(x)
     s, dts = score_and_time_derivative(score_fn, x, t)
     f, g2 = sde_coefficients(sde, t, x)

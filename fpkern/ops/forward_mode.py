@@ -15,7 +15,7 @@ import torch
 from torch.func import jvp, vmap
 
 from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
-from fpkern.ops.combine import fpe_combine
+from fpkern.ops.fpe_combine import fpe_combine
 
 __all__ = ["time_derivative", "directional", "second_directional", "residual"]
 

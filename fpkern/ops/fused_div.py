@@ -2,8 +2,9 @@
 
     terms(score_fn, x, t, sde, V) -> (r, s, div_V s)   (differentiable)
     residual(score_fn, x, t, sde, V) -> r
+    div_pass(score_fn, x, t, sde, V, U) -> (s, div_V s, u . r)   (forward mode only)
 
-r = d_t s - grad_x h with h = 1/2 g^2 (div_V s + |s|^2) - f <x, s> (MATH.md 2-3). Its value
+r = d_t s - grad_x h with h = 1/2 g^2 (div_V s + |s|^2) - f <x, s> (docs/MATH.md 2-3). Its value
 takes one jet pass (rows x, v_1..v_K, time; fused kernels) and one reverse pass over it
 (fpkern.ops._common.div_form_residual without create_graph). Nothing of either pass is kept.
 The pass's value and probe rows also give the score s and its Hutchinson divergence: a
@@ -12,14 +13,15 @@ no forward of its own.
 
 The gradient does not differentiate that reverse pass again. For an upstream gradient rho
 (the cotangent of r), rho . r is the projected residual u . r with u = rho, which forward
-mode computes exactly (fpkern.ops.fused.div_pass: u . J^T c = c . J u, and
-u . grad div_V s from the mixed rows D^2 s[v_k, u]). The backward therefore recomputes
-u . r with u = rho in one jet pass and runs one ordinary reverse pass over it, so
-dL/dtheta = d(rho . r)/dtheta needs no double backward: the fused kernels' hand-written
+mode computes exactly (div_pass: u . J^T c = c . J u, and u . grad div_V s from the mixed
+rows D^2 s[v_k, u]; E_u (u . r)^2 = |r|^2 for Rademacher or Gaussian u, which makes
+w (u . r)^2 an unbiased estimate of the loss w |r|^2, fpkern.ops.projected_residual). The
+backward therefore recomputes u . r with u = rho in one jet pass and runs one ordinary
+reverse pass over it, so dL/dtheta = d(rho . r)/dtheta needs no double backward: the fused kernels' hand-written
 backward serves, and only one jet graph is alive at a time. The same pass has s and div_V s
-in its rows, so the cotangents of s and div join rho . r there (fpkern.ops.fused.div_pass).
+in its rows, so the cotangents of s and div join rho . r there (div_pass).
 
-Costs and limits (measured in benchmarks/bench_residual.py, div vector residual):
+Costs and limits (benchmarks/bench_residual.py times them, div vector residual):
 - the backward runs the network again (like activation checkpointing): its parameters
   must not change between the forward and the backward (checked: an in-place change
   raises); random ops (dropout) replay the forward's random numbers and the pass runs
@@ -43,9 +45,36 @@ import contextlib
 import torch
 
 from fpkern.jet import Layout, composite_rules
-from fpkern.ops._common import div_form_residual, sde_coefficients
+from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
+from fpkern.ops.hutchinson_reduce import hutchinson_reduce
+from fpkern.ops.jet_pass import jet_pass
 
-__all__ = ["terms", "residual"]
+__all__ = ["terms", "residual", "div_pass"]
+
+
+def div_pass(score_fn, x, t, sde, V: torch.Tensor, U: torch.Tensor | None = None):
+    """(s, div_V s [B], u . r [B] or None) of the div form from one forward-mode pass.
+
+    Without U the pass has the rows x, v_1..v_K (s and the divergence only); with U the
+    rows x, v_1..v_K, u, time and one mixed row D^2 s[v_k, u] per probe give u . r as well:
+    u . r = u . d_t s - 1/2 g^2 u . grad div_V s - c . J u + f u . s."""
+    K = V.shape[0]
+    if U is None:
+        rows = jet_pass(score_fn, x, t, V, time=False, layout=Layout(n1=K))
+        return rows[0], hutchinson_reduce(V, rows[1:]), None
+    u_row = K + 1
+    layout = Layout(n1=K + 2, pairs=tuple((k, u_row) for k in range(1, K + 1)))
+    rows = jet_pass(score_fn, x, t, torch.cat([V, U[None]]), time=True, layout=layout)
+    s, jv, ju, dts, mixed = rows[0], rows[1:u_row], rows[u_row], rows[K + 2], rows[K + 3:]
+    f, g2 = sde_coefficients(sde, t, x)
+    c = bcast(g2, x) * s - bcast(f, x) * x
+
+    def dot(a, b):
+        return (a * b).flatten(1).sum(1)
+
+    u_grad_div = (V * mixed).flatten(2).sum(2).mean(0)
+    u_r = dot(U, dts) - 0.5 * g2 * u_grad_div - dot(c, ju) + f * dot(U, s)
+    return s, hutchinson_reduce(V, jv), u_r
 
 
 def _leaves(root: torch.Tensor) -> list[torch.Tensor]:
@@ -89,8 +118,6 @@ def _replay(state, device: torch.device):
 def _value(score_fn, x, t, sde, V, *, create_graph: bool = False):
     """(r, s, div_V s, the leaves they depend on, x as a leaf) by one jet pass and one
     reverse pass; t and V are used as given."""
-    from fpkern.ops.fused import jet_pass
-
     K = V.shape[0]
     f, g2 = sde_coefficients(sde, t, x)
     with torch.enable_grad():
@@ -120,8 +147,6 @@ class _DivResidual(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_r, grad_s, grad_div):
-        from fpkern.ops.fused import div_pass
-
         score_fn, sde, state = ctx.replay
         x, t, V = ctx.saved_tensors
         if any(leaf._version != v for leaf, v in zip(ctx.leaves, ctx.versions)):

@@ -1,4 +1,4 @@
-"""method="naive": the paper's own algorithm (MATH.md section 5), the benchmarks' baseline.
+"""method="naive": the paper's own algorithm (docs/MATH.md section 5), the benchmarks' baseline.
 
 Reverse-mode autograd nested the way FP-Diffusion's reference code nests it:
   - Hutchinson divergence through a VJP with create_graph (one pass per probe),
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
-from fpkern.ops.combine import fpe_combine
+from fpkern.ops.fpe_combine import fpe_combine
 
 __all__ = ["HS", "HD", "time_derivative_stencil", "residual", "divergence", "laplacian"]
 

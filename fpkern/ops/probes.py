@@ -1,4 +1,4 @@
-"""Probe vectors for the Hutchinson estimators (MATH.md section 3)."""
+"""Probe vectors for the Hutchinson estimators (docs/MATH.md section 3)."""
 
 from __future__ import annotations
 

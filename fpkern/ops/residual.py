@@ -8,10 +8,10 @@ hutchinson_divergence and laplacian.
     hutchinson_divergence(score_fn, x, t, *, probes=1, ...)          -> [B]
     laplacian(score_fn, x, t, *, probes=1, ...)                      -> shape of x
 
-form "div" is the paper's residual r, "laplacian" the conservative form r_c (MATH.md 2).
+form "div" is the paper's residual r, "laplacian" the conservative form r_c (docs/MATH.md 2).
 method "exact" uses full Jacobians (probes ignored; small D only), "naive" the paper's
-algorithm (MATH.md 5), "fused" exact directional derivatives along the probes (the
-probe-conditional value of MATH.md 3, d_t s exact). With given probes [K, *x.shape] the
+algorithm (docs/MATH.md 5), "fused" exact directional derivatives along the probes (the
+probe-conditional value of docs/MATH.md 3, d_t s exact). With given probes [K, *x.shape] the
 estimators are deterministic. Results are differentiable with respect to the parameters of
 score_fn; the caller's tensors are never modified.
 """
@@ -24,11 +24,12 @@ from typing import NamedTuple
 import torch
 
 from fpkern._checks import check_choice
-from fpkern.jet import JetUnsupported
-from fpkern.ops import exact, forward_mode, fused, fused_div, naive
+from fpkern.jet import JetUnsupported, Layout
+from fpkern.ops import exact, forward_mode, fused_div, fused_laplacian, naive
 from fpkern.ops._common import bcast, check_inputs, scalar_fpe_rhs, sde_coefficients
-from fpkern.ops.combine import hutchinson_reduce
-from fpkern.ops.terms import combine_terms
+from fpkern.ops.hutchinson_reduce import hutchinson_reduce
+from fpkern.ops.jet_pass import jet_pass
+from fpkern.ops.laplacian_terms import laplacian_terms
 from fpkern.ops.probes import resolve_probes
 
 __all__ = ["FORMS", "METHODS", "FPETerms", "fpe_residual", "fpe_terms", "projected_residual",
@@ -63,11 +64,17 @@ def _naive(score_fn, x, t, sde, form, probes, score=None):
         return naive.residual(score_fn, x, t, sde, form, probes)
 
 
+def _fused_residual(score_fn, x, t, sde, form, V, score, differentiable):
+    """The fused residual of `form` (fpkern.ops.fused_laplacian, fpkern.ops.fused_div)."""
+    if form == "laplacian":
+        return fused_laplacian.residual(score_fn, x, t, sde, V, score)
+    return fused_div.residual(score_fn, x, t, sde, V, differentiable=differentiable)
+
+
 def _fused(score_fn, x, t, sde, form, probes, score=None):
     grad = torch.is_grad_enabled()
     with torch.enable_grad():
-        r = _with_jets(lambda: fused.residual(score_fn, x, t, sde, form, probes, score,
-                                              differentiable=grad),
+        r = _with_jets(lambda: _fused_residual(score_fn, x, t, sde, form, probes, score, grad),
                        lambda: forward_mode.residual(score_fn, x, t, sde, form, probes),
                        score_fn)
     return r if grad else r.detach()
@@ -80,7 +87,7 @@ def fpe_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str =
                  method: str = "exact", probes=1, probe_dist: str = "rademacher",
                  generator: torch.Generator | None = None,
                  score: torch.Tensor | None = None) -> torch.Tensor:
-    """Score-FPE residual of score_fn at (x, t) under `sde`, with x's shape (MATH.md 2).
+    """Score-FPE residual of score_fn at (x, t) under `sde`, with x's shape (docs/MATH.md 2).
 
     `score`: score_fn(x, t) if the caller already computed it (the DSM forward at the same
     points); the fused laplacian form then runs one jet pass instead of two. Other methods
@@ -125,10 +132,10 @@ def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str = "d
               score: torch.Tensor | None = None, directions=None) -> FPETerms:
     """The residual of `form`, the Hutchinson divergence, the weighted loss weight |r|^m, the
     scalar FPE term and the score itself, all from one forward-mode pass of the network
-    (MATH.md 2-4; method "fused": exact directional derivatives along the probes).
+    (docs/MATH.md 2-4; method "fused": exact directional derivatives along the probes).
 
     - form "laplacian": one jet pass with rows x, v_1..v_K, (-c, 1) and the collapsed second
-      order, then one fused kernel (fpkern.ops.terms). The direction c = g^2 s - f x needs
+      order, then one fused kernel (fpkern.ops.laplacian_terms). The direction c = g^2 s - f x needs
       s first: pass `score` = score_fn(x, t) if the caller has it (the DSM forward's),
       otherwise it costs one plain forward.
     - form "div": the residual's jet pass (fpkern.ops.fused_div); its value and probe rows
@@ -170,7 +177,7 @@ def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str = "d
     def jets():
         if U is None:
             return fused_div.terms(score_fn, x, t, sde, V, differentiable=grad)
-        s, div, u_r = fused.div_pass(score_fn, x, t, sde, V, U)
+        s, div, u_r = fused_div.div_pass(score_fn, x, t, sde, V, U)
         return u_r, s, div
 
     with torch.enable_grad():
@@ -189,25 +196,25 @@ def _laplacian_terms(score_fn, x, t, sde, V, weight, m, score):
         jv, d2 = forward_mode.second_directional(score_fn, x, t, V)
         c = bcast(g2, x) * (s if score is None else score) - bcast(f, x) * x
         _, jc = jvp(lambda y: score_fn(y, t), (x,), (c,))
-        return (*combine_terms(V, jv, dts - jc, d2.mean(0), s, x, g2, f, weight, m), s)
+        return (*laplacian_terms(V, jv, dts - jc, d2.mean(0), s, x, g2, f, weight, m), s)
 
     with torch.enable_grad():
         s = score if score is not None else score_fn(x, t)
-        out = _with_jets(lambda: fused.terms(score_fn, x, t, sde, V, s, weight, m), generic,
-                         score_fn)
+        out = _with_jets(lambda: fused_laplacian.terms(score_fn, x, t, sde, V, s, weight, m),
+                         generic, score_fn)
     return FPETerms(*out)
 
 
 def hutchinson_divergence(score_fn, x: torch.Tensor, t: torch.Tensor, *, probes=1,
                           probe_dist: str = "rademacher",
                           generator: torch.Generator | None = None) -> torch.Tensor:
-    """1/K sum_k v_k . (J v_k) per sample, shape [B] (MATH.md 3)."""
+    """1/K sum_k v_k . (J v_k) per sample, shape [B] (docs/MATH.md 3)."""
     check_inputs(score_fn, x, t)
     V = resolve_probes(probes, x, probe_dist, generator)
 
     def jets():
         K = V.shape[0]
-        rows = fused.jet_pass(score_fn, x, t, V, time=False, layout=fused.Layout(n1=K))
+        rows = jet_pass(score_fn, x, t, V, time=False, layout=Layout(n1=K))
         return rows[1:]
 
     jv = _with_jets(jets, lambda: forward_mode.directional(score_fn, x, t, V)[1], score_fn)
@@ -217,14 +224,14 @@ def hutchinson_divergence(score_fn, x: torch.Tensor, t: torch.Tensor, *, probes=
 def laplacian(score_fn, x: torch.Tensor, t: torch.Tensor, *, probes=1,
               probe_dist: str = "rademacher",
               generator: torch.Generator | None = None) -> torch.Tensor:
-    """1/K sum_k D^2_{v_k} s, the Hutchinson Laplacian of each score component (MATH.md 3)."""
+    """1/K sum_k D^2_{v_k} s, the Hutchinson Laplacian of each score component (docs/MATH.md 3)."""
     check_inputs(score_fn, x, t)
     V = resolve_probes(probes, x, probe_dist, generator)
 
     def jets():
         K = V.shape[0]
-        layout = fused.Layout(n1=K, collapse=tuple(range(1, K + 1)))
-        return fused.jet_pass(score_fn, x, t, V, time=False, layout=layout)[-1]
+        layout = Layout(n1=K, collapse=tuple(range(1, K + 1)))
+        return jet_pass(score_fn, x, t, V, time=False, layout=layout)[-1]
 
     return _with_jets(jets, lambda: forward_mode.second_directional(score_fn, x, t, V)[1].mean(0),
                       score_fn)

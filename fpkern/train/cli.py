@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fpkern.train",
         description="Train a score-based diffusion model with the score Fokker-Planck "
-                    "regulariser: L = DSM + alpha L_vec + beta L_scalar (MATH.md section 4). "
+                    "regulariser: L = DSM + alpha L_vec + beta L_scalar (docs/MATH.md section 4). "
                     "Under torchrun the ranks train data-parallel. Options left at None take "
                     "the per-architecture default.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML (or YAML, if PyYAML is installed) file setting any of these "
                         "options by name (dashes or underscores); the command line wins")
     _model_and_data(p.add_argument_group("model and data"))
-    _objective(p.add_argument_group("objective (MATH.md section 4)"))
+    _objective(p.add_argument_group("objective (docs/MATH.md section 4)"))
     _optimisation(p.add_argument_group("optimisation"))
     _run_options(p.add_argument_group("run"))
     return p

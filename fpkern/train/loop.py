@@ -1,4 +1,4 @@
-"""The training loop: DSM + FP regulariser (MATH.md 4), Adam with warm-up and clipping, EMA,
+"""The training loop: DSM + FP regulariser (docs/MATH.md 4), Adam with warm-up and clipping, EMA,
 atomic checkpoints with exact resume, JSONL/TensorBoard scalars, preview samples, and data
 parallelism over torch.distributed (``torchrun``; gloo on CPU, NCCL on CUDA).
 

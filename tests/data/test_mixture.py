@@ -35,7 +35,7 @@ def test_score_is_the_gradient_of_the_log_density(sde, gen):
 
 @pytest.mark.parametrize("sde", [VESDE(), VPSDE(), SubVPSDE()], ids=["ve", "vp", "subvp"])
 def test_log_density_satisfies_the_scalar_fpe(sde, gen):
-    """d_t log q = 1/2 g^2 (div s + |s|^2) - f <x, s> - D f   (MATH.md section 2)."""
+    """d_t log q = 1/2 g^2 (div s + |s|^2) - f <x, s> - D f   (docs/MATH.md section 2)."""
     gm = _gm()
     D = gm.dim
     x = (torch.randn(5, D, generator=gen, dtype=F64) * 2).requires_grad_()

@@ -135,9 +135,9 @@ def test_composite_rules_switch_the_fused_kernels_off(gen, monkeypatch):
     """Inside composite_rules() the activation and group-norm rules run as torch ops; both
     ways give the same rows. (With kernels, the activation after the GroupNorm runs as the
     fused group_norm_act node.)"""
-    import fpkern.ops.group_norm_act as gna
-    import fpkern.ops.group_norm_jet as gnj
-    import fpkern.ops.jet_act as ja
+    import fpkern.jet.fused.group_norm_act as gna
+    import fpkern.jet.fused.group_norm_jet as gnj
+    import fpkern.jet.fused.jet_act as ja
     from fpkern.jet import composite_rules, kernels_enabled
     calls = []
     for mod, name in ((ja, "jet_act"), (gnj, "group_norm_jet_stats"), (gna, "group_norm_act")):

@@ -6,10 +6,11 @@ import torch
 from fpkern.data.mixture import GaussianMixture
 from fpkern.models import MLP, ScoreFn, from_preset
 from fpkern.jet import JetUnsupported
-from fpkern.ops import (forward_mode, fpe_residual, fpe_terms, fused, projected_residual,
-                         scalar_fpe_rhs)
+from fpkern.ops import (forward_mode, fpe_residual, fpe_terms, fused_div, fused_laplacian,
+                        projected_residual, scalar_fpe_rhs)
+from fpkern.ops.jet_pass import Layout, jet_pass
 from fpkern.sde import SubVPSDE, VESDE, VPSDE
-from tests.ops import reference
+from tests import reference
 
 F64 = torch.float64
 SDES = {"ve": VESDE(), "vp": VPSDE(), "subvp": SubVPSDE()}
@@ -130,18 +131,18 @@ def test_unsupported_score_functions_fall_back_to_the_generic_path(gen, caplog):
 @pytest.mark.parametrize("kind", ["mixture", "mlp", "ncsnpp"])
 @pytest.mark.parametrize("name", SDES)
 def test_models_run_on_jets_without_the_generic_fallback(kind, name, gen):
-    """fused.residual raises JetUnsupported instead of falling back: every op of these score
-    functions has a jet rule (so the tests above exercise the jet engine, not torch.func)."""
-    from fpkern.ops import fused
+    """The fused residuals raise JetUnsupported instead of falling back: every op of these
+    score functions has a jet rule (so the tests above exercise the jet engine, not
+    torch.func)."""
     sde = SDES[name]
     score_fn, shape = _model(kind, sde)
     x = torch.randn((2,) + shape, generator=gen, dtype=F64)
     t = torch.tensor([0.02, 0.7], dtype=F64).requires_grad_()
     V = torch.randn((1, 2) + shape, generator=gen, dtype=F64)
-    for form in ("div", "laplacian"):
-        assert torch.isfinite(fused.residual(score_fn, x, t, sde, form, V)).all()
+    for form in (fused_div, fused_laplacian):
+        assert torch.isfinite(form.residual(score_fn, x, t, sde, V)).all()
     U = torch.randn((2,) + shape, generator=gen, dtype=F64)
-    assert torch.isfinite(fused.div_pass(score_fn, x, t, sde, V, U)[2]).all()
+    assert torch.isfinite(fused_div.div_pass(score_fn, x, t, sde, V, U)[2]).all()
 
 
 @pytest.mark.parametrize("kind", ["mixture", "mlp", "ncsnpp"])
@@ -260,7 +261,7 @@ def test_fpe_terms_without_a_score_or_jet_rules(variant, gen):
     b = fpe_terms(score_fn, x, t, sde, score=score_fn(x, t), **kw) if form == "laplacian" else a
     plain = lambda y, tt: score_fn(y, tt) + 0.0 * torch.atan(y)  # noqa: E731  (no jet rule)
     with pytest.raises(JetUnsupported):
-        fused.jet_pass(plain, x, t, V[:1], time=False, layout=fused.Layout(n1=1))
+        jet_pass(plain, x, t, V[:1], time=False, layout=Layout(n1=1))
     c = fpe_terms(plain, x, t, sde, **kw)
     for u, v, w in zip(a, b, c):
         assert torch.allclose(u, v, rtol=1e-12) and torch.allclose(u, w, rtol=1e-10)

@@ -1,6 +1,6 @@
 """The fused div-form residual's gradient (fpkern.ops.fused_div): a forward-mode backward
 that recomputes the network, against float64 references that differentiate the residual
-directly (tests/ops/reference.py: coordinate-wise autograd; fpkern.ops.forward_mode:
+directly (tests/reference.py: coordinate-wise autograd; fpkern.ops.forward_mode:
 torch.func with a create_graph reverse pass)."""
 
 import pytest
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fpkern.models import MLP, ScoreFn, from_preset
 from fpkern.ops import forward_mode, fpe_residual, fused_div
 from fpkern.sde import VESDE, VPSDE
-from tests.ops import reference
+from tests import reference
 
 F64 = torch.float64
 

@@ -6,7 +6,7 @@ import torch
 from fpkern.data.mixture import GaussianMixture
 from fpkern.ops import exact, fpe_residual, hutchinson_divergence, laplacian
 from fpkern.sde import SubVPSDE, VESDE, VPSDE
-from tests.ops import reference
+from tests import reference
 
 SDES = {"ve": VESDE(), "vp": VPSDE(), "subvp": SubVPSDE()}
 FORMS = ["div", "laplacian"]
@@ -180,7 +180,6 @@ def test_estimators_converge_to_exact_values(dist, gen):
 
 
 def test_rademacher_divergence_is_exact_for_a_diagonal_jacobian(gen):
-    sde = SDES["ve"]
     score_fn = lambda x, t: -x * (1 + t[:, None]) + torch.sin(x)  # noqa: E731
     x = torch.randn(4, 5, dtype=F64, generator=gen)
     t = torch.rand(4, dtype=F64, generator=gen)
