@@ -141,12 +141,3 @@ def test_write_samples_png(gm, tmp_path):
     from PIL import Image
 
     assert Image.open(grid).size == (3 * 10 + 2, 2 * 10 + 2)
-
-
-def test_sample_cli_rejects_foreign_checkpoint(tmp_path):
-    from fpkern.sample import main
-
-    path = tmp_path / "other.pt"
-    torch.save({"weights": torch.zeros(2)}, path)
-    with pytest.raises(ValueError, match="not an fpkern training checkpoint"):
-        main(["--checkpoint", str(path)])

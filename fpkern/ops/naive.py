@@ -7,11 +7,20 @@ Reverse-mode autograd nested the way FP-Diffusion's reference code nests it:
 The laplacian form, which the paper does not have, is built from the same tools: J c and
 the second directional derivatives by the double-VJP trick (a JVP out of two VJPs).
 
-One change from the reference code: the stencil never leaves [0, T]. Its nodes
-(t - hs, t, t + hd) are shifted by the same amount until all lie inside [0, T] (forward
-near t = 0, backward near T), and d_t s at t is read off the quadratic through them (Lagrange
-weights from the offsets actually used). This keeps the estimate second-order accurate and
-finite where the original takes log(alpha) of a negative time and returns NaN.
+One change from the reference code: the stencil's nodes lie where the score is defined, and
+d_t s at t is read off the quadratic through them (Lagrange weights from the offsets
+actually used), so the estimate stays second-order accurate and finite on all of [0, T]:
+  - near T, and near t = 0 under an SDE with sigma(0) > 0 (VE), the nodes (t - hs, t, t + hd)
+    shift together until they lie inside [0, T];
+  - under an SDE with sigma(0) = 0 (VP, sub-VP) the score is undefined at t = 0 (score
+    networks divide by sigma(t)) and changes on the time scale t itself near it. For
+    0 < t < hs / RHO the stencil is the paper's scaled by RHO t / hs: its lowest node is
+    t (1 - RHO) > 0 and its relative step stays RHO. At t = 0 itself the nodes are
+    (0, hs, hs + hd): the residual needs s(x, 0) anyway.
+Where s(x, 0) is not finite, every method raises (fpkern.ops._common.CheckedScore).
+
+The finite difference needs float32 or float64: bfloat16 cannot resolve a step of 1e-3
+(fpkern.ops._common.check_precision).
 """
 
 from __future__ import annotations
@@ -21,17 +30,31 @@ import torch
 from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
 from fpkern.ops.fpe_combine import fpe_combine
 
-__all__ = ["HS", "HD", "time_derivative_stencil", "residual", "divergence", "laplacian"]
+__all__ = ["HS", "HD", "RHO", "sigma_vanishes_at_zero", "stencil_nodes",
+           "time_derivative_stencil", "residual", "divergence", "laplacian"]
 
 HS = 1e-3
 HD = 5e-4
+#: the stencil's relative step near a singular t = 0: its lowest node is t (1 - RHO)
+RHO = 0.1
 
 
-def stencil_nodes(t: torch.Tensor, T: float) -> torch.Tensor:
-    """The three stencil times per sample, shape [3, B], all inside [0, T]."""
-    shift = (HS - t).clamp(min=0) - (t + HD - T).clamp(min=0)
+def sigma_vanishes_at_zero(sde) -> bool:
+    """Whether the SDE's marginal std sigma(0) is 0 (VP, sub-VP): the perturbation kernel is a
+    point mass there and the score of a network, which divides by sigma(t), is undefined."""
+    return float(sde.sigma(torch.zeros(1, dtype=torch.float64))[0]) == 0.0
+
+
+def stencil_nodes(t: torch.Tensor, T: float, *, singular_at_zero: bool = False) -> torch.Tensor:
+    """The three stencil times per sample, shape [3, B], all inside [0, T]; with
+    `singular_at_zero`, all > 0 for t > 0 (the module docstring)."""
     base = torch.tensor([-HS, 0.0, HD], dtype=t.dtype, device=t.device)
-    return (t + shift)[None, :] + base[:, None]
+    if singular_at_zero:
+        scale = torch.where(t > 0, (t * (RHO / HS)).clamp(max=1), 1)
+    else:
+        scale = torch.ones_like(t)
+    shift = (scale * HS - t).clamp(min=0) - (t + scale * HD - T).clamp(min=0)
+    return (t + shift)[None, :] + scale[None, :] * base[:, None]
 
 
 def _lagrange_derivative_weights(d: torch.Tensor) -> torch.Tensor:
@@ -42,9 +65,10 @@ def _lagrange_derivative_weights(d: torch.Tensor) -> torch.Tensor:
                         -(d0 + d1) / ((d2 - d0) * (d2 - d1))])
 
 
-def time_derivative_stencil(score_fn, x: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
-    """d_t s by the paper's 3-point stencil, kept inside [0, T]; shape of x."""
-    nodes = stencil_nodes(t, T)
+def time_derivative_stencil(score_fn, x: torch.Tensor, t: torch.Tensor, T: float, *,
+                            singular_at_zero: bool = False) -> torch.Tensor:
+    """d_t s by the paper's 3-point stencil on stencil_nodes; shape of x."""
+    nodes = stencil_nodes(t, T, singular_at_zero=singular_at_zero)
     # weights from the offsets as evaluated (after rounding to t's dtype), in float64
     w = _lagrange_derivative_weights(nodes.double() - t.double()[None, :]).to(x.dtype)
     out = 0
@@ -54,9 +78,14 @@ def time_derivative_stencil(score_fn, x: torch.Tensor, t: torch.Tensor, T: float
 
 
 def _jvp_by_double_vjp(out: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(d out / d x) v with reverse mode only: the gradient of <J^T w, v> in w."""
+    """(d out / d x) v with reverse mode only: the gradient of <J^T w, v> in w; zero where
+    out does not depend on x (J of a score affine in x, differentiated again)."""
+    if not out.requires_grad:
+        return torch.zeros_like(out)
     w = torch.zeros_like(out, requires_grad=True)
-    (jtw,) = torch.autograd.grad(out, x, w, create_graph=True)
+    (jtw,) = torch.autograd.grad(out, x, w, create_graph=True, allow_unused=True)
+    if jtw is None:
+        return torch.zeros_like(out)
     (jv,) = torch.autograd.grad(jtw, w, v, create_graph=True)
     return jv
 
@@ -83,7 +112,8 @@ def residual(score_fn, x, t, sde, form: str, probes: torch.Tensor) -> torch.Tens
     xg = x.detach().requires_grad_(True)   # a new leaf: the caller's x is left alone
     s = score_fn(xg, t)
     f, g2 = sde_coefficients(sde, t, x)
-    dts = time_derivative_stencil(score_fn, x.detach(), t, sde.T)
+    dts = time_derivative_stencil(score_fn, x.detach(), t, sde.T,
+                                  singular_at_zero=sigma_vanishes_at_zero(sde))
     if form == "div":
         return div_form_residual(xg, s, divergence(s, xg, probes), dts, f, g2)
     c = bcast(g2, x) * s - bcast(f, x) * xg

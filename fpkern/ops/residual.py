@@ -13,7 +13,14 @@ method "exact" uses full Jacobians (probes ignored; small D only), "naive" the p
 algorithm (docs/MATH.md 5), "fused" exact directional derivatives along the probes (the
 probe-conditional value of docs/MATH.md 3, d_t s exact). With given probes [K, *x.shape] the
 estimators are deterministic. Results are differentiable with respect to the parameters of
-score_fn; the caller's tensors are never modified.
+score_fn when the caller records a graph, and plain tensors under torch.no_grad or
+torch.inference_mode; the caller's tensors are never modified.
+
+What score_fn returns is checked at every call (a tensor of x's shape, dtype and device);
+a batch needs at least one sample. float16 is refused and a float16 autocast switched off
+(its range is too small for the score's derivatives); method "naive" needs float32 or
+float64 (docs/MATH.md 5 and 8). Where the score is not finite at t = 0 (VP and sub-VP
+networks, sigma(0) = 0), every method raises a ValueError saying so (fpkern.ops._common).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import torch
 from fpkern._checks import check_choice
 from fpkern.jet import JetUnsupported, Layout
 from fpkern.ops import exact, forward_mode, fused_div, fused_laplacian, naive
-from fpkern.ops._common import bcast, check_inputs, scalar_fpe_rhs, sde_coefficients
+from fpkern.ops._common import (bcast, check_score, outside_inference_mode, precision_scope,
+                                prepare, reverse_mode, scalar_fpe_rhs, sde_coefficients)
 from fpkern.ops.hutchinson_reduce import hutchinson_reduce
 from fpkern.ops.jet_pass import jet_pass
 from fpkern.ops.laplacian_terms import laplacian_terms
@@ -41,11 +49,12 @@ _warned: set[str] = set()
 
 def _with_jets(jet_fn, generic_fn, score_fn):
     """Run the Taylor-mode jet path; fall back to the generic torch.func path when the
-    score function uses an op without a jet rule (logged once per kind of score_fn)."""
+    score function uses an op without a jet rule (logged once per kind of score_fn; score_fn
+    is the CheckedScore the op calls)."""
     try:
         return jet_fn()
     except JetUnsupported as exc:
-        key = type(score_fn).__qualname__
+        key = type(getattr(score_fn, "fn", score_fn)).__qualname__
         if key not in _warned:
             _warned.add(key)
             log.warning("fused: %s; using the generic torch.func path (slower)", exc)
@@ -56,12 +65,11 @@ FORMS = ("div", "laplacian")
 
 
 def _exact(score_fn, x, t, sde, form, probes, score=None):
-    return exact.residual(score_fn, x, t, sde, form)
+    return reverse_mode(lambda: exact.residual(score_fn, x, t, sde, form))
 
 
 def _naive(score_fn, x, t, sde, form, probes, score=None):
-    with torch.enable_grad():
-        return naive.residual(score_fn, x, t, sde, form, probes)
+    return reverse_mode(lambda: naive.residual(score_fn, x, t, sde, form, probes))
 
 
 def _fused_residual(score_fn, x, t, sde, form, V, score, differentiable):
@@ -83,6 +91,7 @@ def _fused(score_fn, x, t, sde, form, probes, score=None):
 METHODS = {"exact": _exact, "naive": _naive, "fused": _fused}
 
 
+@outside_inference_mode
 def fpe_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str = "div",
                  method: str = "exact", probes=1, probe_dist: str = "rademacher",
                  generator: torch.Generator | None = None,
@@ -92,18 +101,24 @@ def fpe_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str =
     `score`: score_fn(x, t) if the caller already computed it (the DSM forward at the same
     points); the fused laplacian form then runs one jet pass instead of two. Other methods
     and forms recompute it.
+
+    float16 inputs are refused (use bfloat16 or float32), and bfloat16 ones for method
+    "naive"; the module docstring has the score checks, the grad modes and t = 0.
     """
     check_choice("form", form, FORMS)
     check_choice("method", method, METHODS)
-    check_inputs(score_fn, x, t, sde)
+    sf = prepare(score_fn, x, t, sde, method)
     if method == "exact":
         resolve_probes(probes, x, probe_dist)     # validated like the others, then ignored
         V = None
     else:
         V = resolve_probes(probes, x, probe_dist, generator)
-    if score is not None and score.shape != x.shape:
-        raise ValueError(f"score must have x's shape {tuple(x.shape)}, got {tuple(score.shape)}")
-    return METHODS[method](score_fn, x, t, sde, form, V, score)
+    if score is not None:
+        check_score(score, x, "score")
+    with precision_scope(x, method):
+        r = METHODS[method](sf, x, t, sde, form, V, score)
+    sf.check_defined(x, t, r)
+    return r
 
 
 class FPETerms(NamedTuple):
@@ -126,6 +141,7 @@ def _directions(directions, x, generator):
     return resolve_probes(directions, x, "rademacher", generator)[0]
 
 
+@outside_inference_mode
 def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str = "div",
               weight: torch.Tensor | None = None, m: float = 2.0, probes=1,
               probe_dist: str = "rademacher", generator: torch.Generator | None = None,
@@ -151,10 +167,10 @@ def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str = "d
     runs the generic torch.func path.
     """
     check_choice("form", form, FORMS)
-    check_inputs(score_fn, x, t, sde)
+    sf = prepare(score_fn, x, t, sde)
     V = resolve_probes(probes, x, probe_dist, generator)
-    if score is not None and score.shape != x.shape:
-        raise ValueError(f"score must have x's shape {tuple(x.shape)}, got {tuple(score.shape)}")
+    if score is not None:
+        check_score(score, x, "score")
     if weight is None:
         weight = x.new_ones(x.shape[0])
     elif weight.shape != (x.shape[0],):
@@ -163,9 +179,17 @@ def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str = "d
     if directions is not None and (form != "div" or m != 2):
         raise ValueError(f"directions (the projected estimator) need form 'div' and m 2, got "
                          f"form {form!r}, m {m}")
-    if form == "laplacian":
-        return _laplacian_terms(score_fn, x, t, sde, V, weight, m, score)
-    U = None if directions is None else _directions(directions, x, generator)
+    with precision_scope(x):
+        if form == "laplacian":
+            out = _laplacian_terms(sf, x, t, sde, V, weight, m, score)
+        else:
+            U = None if directions is None else _directions(directions, x, generator)
+            out = _div_terms(sf, x, t, sde, V, U, weight, m)
+    sf.check_defined(x, t, out.residual)
+    return out
+
+
+def _div_terms(score_fn, x, t, sde, V, U, weight, m) -> FPETerms:
     f, g2 = sde_coefficients(sde, t, x)
     grad = torch.is_grad_enabled()
 
@@ -198,45 +222,58 @@ def _laplacian_terms(score_fn, x, t, sde, V, weight, m, score):
         _, jc = jvp(lambda y: score_fn(y, t), (x,), (c,))
         return (*laplacian_terms(V, jv, dts - jc, d2.mean(0), s, x, g2, f, weight, m), s)
 
-    with torch.enable_grad():
+    def run():
         s = score if score is not None else score_fn(x, t)
-        out = _with_jets(lambda: fused_laplacian.terms(score_fn, x, t, sde, V, s, weight, m),
-                         generic, score_fn)
-    return FPETerms(*out)
+        return FPETerms(*_with_jets(
+            lambda: fused_laplacian.terms(score_fn, x, t, sde, V, s, weight, m), generic,
+            score_fn))
+
+    return reverse_mode(run)
 
 
+@outside_inference_mode
 def hutchinson_divergence(score_fn, x: torch.Tensor, t: torch.Tensor, *, probes=1,
                           probe_dist: str = "rademacher",
                           generator: torch.Generator | None = None) -> torch.Tensor:
     """1/K sum_k v_k . (J v_k) per sample, shape [B] (docs/MATH.md 3)."""
-    check_inputs(score_fn, x, t)
+    sf = prepare(score_fn, x, t)
     V = resolve_probes(probes, x, probe_dist, generator)
 
     def jets():
         K = V.shape[0]
-        rows = jet_pass(score_fn, x, t, V, time=False, layout=Layout(n1=K))
+        rows = jet_pass(sf, x, t, V, time=False, layout=Layout(n1=K))
         return rows[1:]
 
-    jv = _with_jets(jets, lambda: forward_mode.directional(score_fn, x, t, V)[1], score_fn)
-    return hutchinson_reduce(V, jv)
+    with precision_scope(x):
+        div = hutchinson_reduce(V, _with_jets(
+            jets, lambda: forward_mode.directional(sf, x, t, V)[1], sf))
+    sf.check_defined(x, t, div)
+    return div
 
 
+@outside_inference_mode
 def laplacian(score_fn, x: torch.Tensor, t: torch.Tensor, *, probes=1,
               probe_dist: str = "rademacher",
               generator: torch.Generator | None = None) -> torch.Tensor:
     """1/K sum_k D^2_{v_k} s, the Hutchinson Laplacian of each score component (docs/MATH.md 3)."""
-    check_inputs(score_fn, x, t)
+    sf = prepare(score_fn, x, t)
     V = resolve_probes(probes, x, probe_dist, generator)
 
     def jets():
         K = V.shape[0]
         layout = Layout(n1=K, collapse=tuple(range(1, K + 1)))
-        return jet_pass(score_fn, x, t, V, time=False, layout=layout)[-1]
+        return jet_pass(sf, x, t, V, time=False, layout=layout)[-1]
 
-    return _with_jets(jets, lambda: forward_mode.second_directional(score_fn, x, t, V)[1].mean(0),
-                      score_fn)
+    def generic():      # nested forward mode needs autograd recording (silu_backward)
+        return reverse_mode(lambda: forward_mode.second_directional(sf, x, t, V)[1].mean(0))
+
+    with precision_scope(x):
+        lap = _with_jets(jets, generic, sf)
+    sf.check_defined(x, t, lap)
+    return lap
 
 
+@outside_inference_mode
 def projected_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, directions=1,
                        probes=1, probe_dist: str = "rademacher",
                        generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,8 +1,12 @@
 """``python -m fpkern.train``: typed options with choices and shown defaults, an optional
-TOML (or YAML) config file with the same option names, the command line winning. The
-options become a ``TrainConfig`` (fpkern.train.config), which ``training_loop`` runs.
+TOML (or YAML) config file with the same option names and types, the command line winning.
+The options become a ``TrainConfig`` (fpkern.train.config), validated whole before any work
+starts, which ``training_loop`` runs.
 
-Exit codes: 0 done, 2 bad options, 3 non-finite loss (the last checkpoint is intact).
+Exit codes: 0 done, 2 a user mistake (an option, a config file, a checkpoint, a device, the
+data or the workdir; one line on stderr names it, fpkern.errors.cli_boundary), 3 non-finite
+loss (the last checkpoint is intact), 128 + the signal number after SIGINT or SIGTERM (a
+checkpoint of the last step written).
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from fpkern.errors import ArgumentParser, UsageError, cli_boundary
 from fpkern.losses import DSM_WEIGHTINGS, ESTIMATORS, FP_POINTS, WEIGHTINGS
-from fpkern.train.config import ARCHS, TrainConfig, load_config
+from fpkern.train.config import ARCHS, TrainConfig, file_options, load_config
 
 __all__ = ["build_parser", "parse_args", "main", "load_config"]
 
 log = logging.getLogger("fpkern.train")
+
+PROG = "python -m fpkern.train"
 
 _DEF = "(default: per --arch, see ARCH_DEFAULTS in fpkern/train/config.py)"
 
@@ -34,13 +41,18 @@ def _bool(s: str) -> bool:
 
 
 def _opt_int(s: str) -> int | None:
-    return None if s.lower() in ("none", "") else int(s)
+    if s.strip().lower() in ("none", ""):
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer (or none), got {s!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every TrainConfig option (plus --config and --log-level)."""
-    p = argparse.ArgumentParser(
-        prog="python -m fpkern.train",
+    p = ArgumentParser(
+        prog=PROG,
         description="Train a score-based diffusion model with the score Fokker-Planck "
                     "regulariser: L = DSM + alpha L_vec + beta L_scalar (docs/MATH.md section 4). "
                     "Under torchrun the ranks train data-parallel. Options left at None take "
@@ -113,7 +125,7 @@ def _optimisation(g) -> None:
     g.add_argument("--seed", type=int, default=0,
                    help="seed of weights, data, noise and the global RNGs (torch, numpy, random)")
     g.add_argument("--amp", action="store_true",
-                   help="autocast the loss (bfloat16 on CPU, float16 with GradScaler on CUDA)")
+                   help="autocast the loss to bfloat16 (float16 is not used: its range breaks the jets)")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
 
 
@@ -123,7 +135,12 @@ def _run_options(g) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --workdir")
     g.add_argument("--init-from", default=None,
-                   help="Score SDE or fpkern checkpoint to fine-tune from")
+                   help="Score SDE or fpkern checkpoint to fine-tune from; with --resume, the "
+                        "start while --workdir has no checkpoint yet")
+    g.add_argument("--allow-resume-change", action="store_true",
+                   help="let --resume continue with another --sde or --dataset than the "
+                        "checkpoint's (the change is recorded in the checkpoints); otherwise "
+                        "a mismatch is refused")
     g.add_argument("--sample-every", type=_opt_int, default=None,
                    help=f"sample PNG every this many steps, 0 = at the end only {_DEF}")
     g.add_argument("--eval-every", type=_opt_int, default=None,
@@ -146,30 +163,39 @@ def _run_options(g) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options of a command line (and of its --config file); a mistake prints one line
+    and exits 2, as argparse does."""
+    try:
+        return _parse(argv)
+    except UsageError as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_args raising UsageError. The config file's values are typed and checked as
+    strictly as TrainConfig's fields (file_options), then become the parser's defaults, so
+    the command line wins and the file's values never pass through a string conversion."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.config is not None:
-        try:
-            cfg = load_config(args.config)
-        except (OSError, ValueError) as e:  # missing file, TOML/YAML syntax, no PyYAML
-            parser.error(f"--config {args.config}: {e}")
-        dests = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
-        unknown = sorted(set(cfg) - set(dests))
-        if unknown:
-            parser.error(f"{args.config}: unknown option(s) {unknown}; valid names: {sorted(dests)}")
-        for k, v in cfg.items():
-            choices = dests[k].choices
-            if choices is not None and v not in choices:
-                parser.error(f"{args.config}: {k} = {v!r}; valid names: {list(choices)}")
-        parser.set_defaults(**cfg)
-        args = parser.parse_args(argv)  # the command line wins over the file
-    return args
+    if args.config is None:
+        return args
+    cfg = file_options(args.config, extra={"log_level": str})
+    choices = {a.dest: a.choices for a in parser._actions if a.choices is not None}
+    for k, v in cfg.items():
+        if k in choices and v not in choices[k]:
+            raise UsageError(f"--config {args.config}: {k} = {v!r}; valid names: "
+                             f"{list(choices[k])}")
+    parser.set_defaults(**cfg)
+    return parser.parse_args(argv)  # the command line wins over the file
 
 
+@cli_boundary(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; the exit status (see the module docstring)."""
     from fpkern.train.loop import NonFiniteLossError, training_loop
 
-    args = parse_args(argv)
+    args = _parse(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=args.log_level if rank == 0 else "WARNING",
                         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
@@ -179,9 +205,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as e:
         log.error("training stopped: %s", e)
         return 3
-    except ValueError as e:
-        log.error("invalid options: %s", e)
-        return 2
     return 0
 
 

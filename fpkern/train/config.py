@@ -2,14 +2,19 @@
 
 ``TrainConfig`` holds the options as given (None: the per-architecture default of
 ``ARCH_DEFAULTS``); ``resolved()`` fills those defaults in, converts and checks every value
-(choices, ranges, combinations, paths) and returns the config the loop runs. The CLI
-(fpkern.train.cli) and the TOML file it reads build it; ``training_loop(**options)`` builds
-it from keywords.
+(choices, ranges, combinations, paths, the device) and returns the config the loop runs,
+so that every mistake is found before any work starts. The CLI (fpkern.train.cli) and the
+TOML file it reads build it; ``training_loop(**options)`` builds it from keywords.
+
+A config file is typed as strictly as the dataclass: ``file_options`` reads it and rejects
+an unknown name or a value of another type (a string for a boolean or a number, a float for
+an integer, a list), naming the file and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -17,8 +22,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fpkern._checks import check_choice
+from fpkern.errors import UsageError
 
-__all__ = ["TrainConfig", "ARCHS", "ARCH_DEFAULTS", "load_config"]
+__all__ = ["TrainConfig", "ARCHS", "ARCH_DEFAULTS", "load_config", "file_options"]
 
 ARCHS = ("ncsnpp", "ddpmpp", "mlp")
 
@@ -69,7 +75,9 @@ class TrainConfig:
     ema: float | None = None          # EMA decay, in [0, 1)
     seed: int = 0                     # seed of the weights, data, noise and every global RNG
     resume: bool = False              # continue from the newest checkpoint in workdir
-    init_from: str | None = None      # Score SDE or fpkern checkpoint to fine-tune from
+    init_from: str | None = None      # Score SDE or fpkern checkpoint to fine-tune from (with
+                                      # resume: when workdir has no checkpoint yet)
+    allow_resume_change: bool = False  # resume despite another sde or dataset (recorded)
     sample_every: int | None = None   # write a sample PNG every this many steps (0: at the end only)
     eval_every: int | None = None     # held-out DSM and FPE residual every this many steps (0: never)
     ckpt_every: int | None = None     # checkpoint every this many steps (and at the end)
@@ -80,7 +88,7 @@ class TrainConfig:
     mlp_width: int = 128              # MLP hidden width
     mlp_depth: int = 3                # MLP depth
     device: str = "cpu"               # torch device (cuda: cuda:LOCAL_RANK under torchrun)
-    amp: bool = False                 # autocast the loss (bfloat16 on CPU, float16 + GradScaler on CUDA)
+    amp: bool = False                 # autocast the loss to bfloat16 (any device)
     deterministic: bool = True        # torch.use_deterministic_algorithms (warn only)
     progress: bool = True             # tqdm progress bar on rank 0
     tensorboard: bool = True          # TensorBoard scalars when tensorboard is installed
@@ -97,8 +105,9 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainConfig:
-        """From a TOML (or YAML) file of options, as ``python -m fpkern.train --config``."""
-        return cls.from_options(load_config(path))
+        """From a TOML (or YAML) file of options, as ``python -m fpkern.train --config``;
+        a file that cannot be read, an unknown name or a wrong type raises UsageError."""
+        return cls(**file_options(path))
 
     def resolved(self, world_size: int = 1) -> TrainConfig:
         """The config the loop runs: per-arch defaults filled in (fp_batch 0 stays 0, all
@@ -159,12 +168,74 @@ class TrainConfig:
                              f"{self.probes}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"EMA decay must lie in [0, 1), got {self.ema}")
-        if self.init_from is not None and not self.resume and not Path(self.init_from).is_file():
-            raise ValueError(f"init_from: no such checkpoint file {self.init_from!r}")
+        self._check_counts()
+        self._check_paths()
+        check_device(self.device)
+
+    def _check_counts(self) -> None:
+        """Numbers the loop uses late (the final preview) or that would fail deep inside."""
+        for f, hint in _HINTS:
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value}")
+        for name in ("num_samples", "sample_steps", "mlp_width", "mlp_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("sample_every", "eval_every", "warmup", "lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def _check_paths(self) -> None:
+        """The workdir, the data folder and the --init-from file, as far as they can be
+        checked without reading them."""
+        from fpkern.data.images import IMAGE_SETS
+
+        if Path(self.workdir).exists() and not Path(self.workdir).is_dir():
+            raise UsageError(f"workdir {self.workdir}: exists and is not a folder")
+        if self.dataset in IMAGE_SETS and self.dataset != "digits":  # read from files
+            if self.data_dir is None:
+                raise UsageError(f"dataset {self.dataset!r} is read from files: set data_dir "
+                                 "(--data-dir) to where they are")
+            if not Path(self.data_dir).exists():
+                raise UsageError(f"data_dir {self.data_dir}: no such file or folder")
+        if self.init_from is not None and not Path(self.init_from).is_file():
+            raise UsageError(f"init_from: no such checkpoint file {self.init_from!r}")
+
+
+def check_device(name: str) -> None:
+    """UsageError unless name is a torch device this process can use: cpu, cuda[:N] with
+    CUDA present (and N visible), or mps where it is available."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r}: not a torch device; use cpu, cuda, cuda:N or mps") \
+            from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise UsageError(f"--device {name}: this torch build has no CUDA; use --device cpu")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UsageError(f"--device {name}: no CUDA device is visible; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: only {count} CUDA device(s) are visible "
+                             f"(cuda:0 to cuda:{count - 1})")
+        return
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise UsageError(f"--device {name}: not available here; use cpu, cuda, cuda:N or mps")
+
+
+_KIND_NAMES = {bool: "bool (true or false)", int: "int (a whole number)",
+               float: "float (a number)", str: "str (a string)"}
 
 
 def _typed(name: str, value: Any, hint: Any) -> Any:
-    """value as the field type hint says (int -> float allowed; bool is no int), or ValueError."""
+    """value as the field type hint says (int -> float allowed; bool is no int; no string
+    is parsed), or ValueError naming the field."""
     kinds = typing.get_args(hint) or (hint,)
     if value is None:
         if type(None) in kinds:
@@ -175,27 +246,65 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
         return float(value)
     if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
         return value
-    raise ValueError(f"{name} must be {kind.__name__}, got {value!r}")
+    got = f"the {type(value).__name__} {value!r}" if isinstance(value, (str, list, dict)) \
+        else repr(value)
+    raise ValueError(f"{name} must be {_KIND_NAMES.get(kind, kind.__name__)}, got {got}")
 
 
 _HINTS = [(f, typing.get_type_hints(TrainConfig)[f.name]) for f in dataclasses.fields(TrainConfig)]
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Options from a TOML (.toml) or YAML (.yaml/.yml) file, keys with '_' for '-'.
-    A top-level [train] table, if present, is used."""
+    """Options from a TOML (.toml) or YAML (.yaml/.yml) file, keys with '_' for '-', as
+    written (``file_options`` checks them). A top-level [train] table, if present, is used.
+    A file that cannot be read or parsed raises UsageError naming it."""
     path = Path(path)
+    try:
+        data = _parse(path)
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # tomllib.TOMLDecodeError, yaml's errors are made ValueErrors
+        raise UsageError(f"--config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a table of options, got "
+                         f"{type(data).__name__}")
+    if isinstance(data.get("train"), dict):
+        data = data["train"]
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _parse(path: Path) -> Any:
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
-            raise ValueError(f"{path}: YAML configs need PyYAML; use TOML instead") from None
-        data = yaml.safe_load(path.read_text()) or {}
-    else:
-        import tomllib
+            raise ValueError("YAML configs need PyYAML; use TOML instead") from None
+        try:
+            return yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(" ".join(str(e).split())) from None
+    import tomllib
 
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    if isinstance(data.get("train"), dict):
-        data = data["train"]
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    with open(path, "rb") as fh:
+        return tomllib.load(fh)
+
+
+def file_options(path: str | os.PathLike,
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The options of a config file, each of its field's type (TrainConfig, or ``extra``:
+    {name: type hint} of options outside it), as ``load_config`` reads them; an unknown
+    name or a value of another type raises UsageError naming the file and the key."""
+    options = load_config(path)
+    hints = {f.name: hint for f, hint in _HINTS}
+    hints.update(extra or {})
+    unknown = sorted(set(options) - set(hints))
+    if unknown:
+        raise UsageError(f"--config {path}: unknown option(s) {unknown}; valid names: "
+                         f"{sorted(hints)}")
+    typed = {}
+    for name, value in options.items():
+        try:
+            typed[name] = _typed(name, value, hints[name])
+        except ValueError as e:
+            raise UsageError(f"--config {path}: {e}") from None
+    return typed

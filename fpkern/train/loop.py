@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from fpkern.errors import UsageError
 from fpkern.losses import DSMLoss, FPLoss
-from fpkern.models import ScoreFn, build_model
+from fpkern.models import CheckpointMismatchError, ScoreFn, build_model
 from fpkern.ops import fpe_residual
 from fpkern.plots import save_image_grid, save_scatter
 from fpkern.sampling import sample
@@ -38,6 +39,8 @@ from fpkern.train import checkpoint as ckpt_io
 from fpkern.train.config import ARCH_DEFAULTS, ARCHS, TrainConfig
 from fpkern.train.data import ImageBatches, TensorItems, ToyBatches, is_toy
 from fpkern.train.ema import EMA
+from fpkern.train.interrupt import StopRequest, TrainingInterrupted
+from fpkern.train.lock import lock_workdir
 from fpkern.train.metrics import MetricsWriter
 from fpkern.train.optim import adam
 from fpkern.train.rng import seed_all
@@ -79,7 +82,6 @@ class _Run:
     ema_weights: EMA
     params: list[nn.Parameter]
     opt: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
     batches: ToyBatches | ImageBatches | None = None
     noise_gen: torch.Generator | None = None
     eval_cache: dict[str, Any] = field(default_factory=dict)
@@ -112,8 +114,9 @@ class _Run:
     def autocast(self):
         if not self.cfg.amp:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16
-                              if self.device.type == "cpu" else torch.float16)
+        # bfloat16 on every device: float16's range gives the jet passes' second-order
+        # rows inf/NaN (docs/MATH.md 8), and bfloat16 needs no loss scaling
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def ema_score_fn(self) -> ScoreFn:
         return ScoreFn(self.ema_weights.module, self.forward_sde)
@@ -124,21 +127,42 @@ def training_loop(config: TrainConfig | None = None, /, **options: Any) -> Train
     """Train a score model with DSM + alpha L_vec + beta L_scalar; see the module docstring.
 
     Either a TrainConfig or its fields as keywords (``training_loop(arch="mlp", steps=10)``);
-    TrainConfig documents every option."""
+    TrainConfig documents every option.
+
+    The run holds the workdir's lock (fpkern.train.lock) from start to end: a second run in
+    the same workdir raises WorkdirBusy, a UsageError naming this one. SIGINT and SIGTERM
+    stop it after the step under way, with a checkpoint of that step, by raising
+    TrainingInterrupted (fpkern.train.interrupt), a SystemExit with code 128 + the signal."""
     given = config if config is not None else TrainConfig(**options)
     if config is not None and options:
         raise TypeError("pass either a TrainConfig or keyword options, not both")
     cfg = given.resolved(world_size=_world_size())
     rank, world, own_group = _dist_env()
+    lock = None
     try:
-        run = _setup(cfg, cfg.checkpoint_options(given), rank, world)
-        start = _resume(run) if cfg.resume else 0
-        step = _train(run, start)
+        lock = lock_workdir(cfg.workdir, rank, world)
+        if not cfg.resume:
+            _check_unused(cfg.workdir)
+        with StopRequest() as stop:
+            run = _setup(cfg, cfg.checkpoint_options(given), rank, world)
+            start = _resume(run) if cfg.resume else 0
+            step = _train(run, start, stop)
         return TrainResult(run.net, run.ema_weights.module, run.ema_score_fn(), run.forward_sde,
                            step, run.workdir)
     finally:
+        if lock is not None:
+            lock.release()
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_unused(workdir: str) -> None:
+    """A run from scratch must not start over a workdir's checkpoints: its own would be
+    pruned as older than them, and the earlier run's lost."""
+    ckpts = ckpt_io.list_checkpoints(Path(workdir) / "checkpoints")
+    if ckpts:
+        raise UsageError(f"--workdir {workdir} already holds checkpoints (newest {ckpts[-1].name});"
+                         " pass --resume to continue that run, or choose another --workdir")
 
 
 def _world_size() -> int:
@@ -171,7 +195,10 @@ def _setup(cfg: TrainConfig, options: dict[str, Any], rank: int, world: int) -> 
     net, forward_sde, data_config, score_sde_config = build_model(
         cfg.arch, preset=cfg.preset, sde=cfg.sde, mlp_width=cfg.mlp_width,
         mlp_depth=cfg.mlp_depth)
-    if cfg.init_from is not None and not cfg.resume:
+    options = {**options, "forward_sde": repr(forward_sde)}  # what --resume compares
+    # --init-from starts the run; with --resume, while the workdir has no checkpoint yet
+    if cfg.init_from is not None and not (
+            cfg.resume and ckpt_io.list_checkpoints(Path(cfg.workdir) / "checkpoints")):
         _load_init(net, cfg.init_from, score_sde_config)
     net.to(device)
     if world > 1:
@@ -183,8 +210,7 @@ def _setup(cfg: TrainConfig, options: dict[str, Any], rank: int, world: int) -> 
                score_fn=ScoreFn(net, forward_sde),
                dsm_loss=DSMLoss(forward_sde, weighting=cfg.dsm_weighting, eps=cfg.eps),
                fp_loss=_fp_loss(cfg, forward_sde), ema_weights=EMA(net, cfg.ema), params=params,
-               opt=adam(params, cfg.lr),
-               scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"))
+               opt=adam(params, cfg.lr))
     # data and noise: one generator per rank for the loss noise, one for the data
     seed_all(cfg.seed * 1000003 + rank + 1)  # global RNGs (dropout) differ per rank
     per_rank = cfg.batch_size // world
@@ -215,12 +241,17 @@ def _fp_loss(cfg: TrainConfig, forward_sde: LinearSDE) -> FPLoss | None:
 
 def _image_batches(cfg: TrainConfig, data_config, per_rank: int, rank: int,
                    world: int) -> ImageBatches:
+    """The rank's batches of the image set; missing or unreadable files raise UsageError
+    (a malformed one, fpkern.data.formats.DataFormatError), naming them."""
     from fpkern.data.images import load_image_dataset
     from fpkern.data.transforms import ImageDataset, prepare_images
 
-    images, _ = load_image_dataset(cfg.dataset, cfg.data_dir,
-                                   image_size=int(data_config["image_size"]),
-                                   channels=int(data_config["num_channels"]))
+    try:
+        images, _ = load_image_dataset(cfg.dataset, cfg.data_dir,
+                                       image_size=int(data_config["image_size"]),
+                                       channels=int(data_config["num_channels"]))
+    except OSError as e:  # FileNotFoundError naming what is expected, permissions, ...
+        raise UsageError(f"--data-dir {cfg.data_dir}: {e}") from None
     flip = bool(data_config.get("random_flip", False))
     deq = bool(data_config.get("uniform_dequantization", False))
     centered = bool(data_config.get("centered", False))
@@ -233,40 +264,61 @@ def _image_batches(cfg: TrainConfig, data_config, per_rank: int, rank: int,
 
 
 def _load_init(net: nn.Module, path: str, score_sde_config) -> None:
-    """Initialise net from an fpkern checkpoint's EMA weights or a Score SDE checkpoint's."""
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    """Initialise net from an fpkern checkpoint's EMA weights or a Score SDE checkpoint's;
+    a file that is neither, or whose weights do not fit net, raises UsageError naming it."""
+    try:
+        raw = ckpt_io.read_torch_file(path, map_location="cpu")
+    except ckpt_io.CheckpointReadError as e:
+        raise UsageError(f"--init-from {e}") from None
     if ckpt_io.is_fpkern_checkpoint(raw):
+        ckpt_io.check_fits(path, raw.get("options") or {}, None, net, raw.get("ema"),
+                           what="--init-from")
         net.load_state_dict(raw["ema"])
-        log.info("initialised from fpkern checkpoint %s (EMA weights, step %d)", path, raw["step"])
+        log.info("initialised from fpkern checkpoint %s (EMA weights, step %s)", path,
+                 raw.get("step"))
         return
     if score_sde_config is None:
-        raise ValueError(f"{path} is not an fpkern checkpoint; Score SDE checkpoints need an "
-                         "image architecture (ncsnpp, ddpmpp)")
+        raise UsageError(f"--init-from {path}: not an fpkern training checkpoint; Score SDE "
+                         "checkpoints need an image architecture (ncsnpp, ddpmpp)")
     from fpkern.models import load_score_sde_checkpoint
 
-    loaded = load_score_sde_checkpoint(path, score_sde_config)
+    try:
+        loaded = load_score_sde_checkpoint(path, score_sde_config)
+    except CheckpointMismatchError as e:
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[:2])
+        raise UsageError(f"--init-from {path}: {detail}") from None
     net.load_state_dict(loaded.state_dict())
     log.info("initialised from Score SDE checkpoint %s (EMA weights)", path)
 
 
 # ---- resume and checkpoint ---------------------------------------------------------------
 def _resume(run: _Run) -> int:
-    """Load the newest checkpoint in the workdir (weights, EMA, optimizer, scaler, every
-    random state and the data position); the step to continue from (0 if there is none)."""
-    path = ckpt_io.latest_checkpoint(run.ckpt_dir)
-    if path is None:
-        log.info("--resume: no checkpoint in %s, starting from scratch", run.ckpt_dir)
+    """Load the newest checkpoint in the workdir that can be read, passing over the others
+    with a warning (weights, EMA, optimizer, every random state and the data
+    position); the step to continue from, 0 if there is none yet (the run then starts as
+    _setup built it: from --init-from, or from scratch). A checkpoint of another network
+    is refused; of another SDE or dataset too, unless allow_resume_change (the change is
+    then recorded in the options the next checkpoints save)."""
+    found = ckpt_io.list_checkpoints(run.ckpt_dir)
+    if not found:
+        if run.is_main:
+            log.info("--resume: no checkpoint in %s yet, starting from %s", run.ckpt_dir,
+                     f"--init-from {run.cfg.init_from}" if run.cfg.init_from else "scratch")
         return 0
-    state = ckpt_io.load_checkpoint(path, map_location="cpu")
+    path, state = ckpt_io.newest_readable(found, warn=run.is_main)
+    stored = state["options"] if isinstance(state["options"], dict) else {}
+    ckpt_io.check_fits(path, stored, run.cfg, run.net, state["model"], what="--resume")
+    start = int(state["step"])
+    changes = ckpt_io.resume_changes(path, stored, run.cfg, run.forward_sde, start)
+    if changes:
+        run.options["resume_changes"] = changes
     run.net.load_state_dict(state["model"])
     run.ema_weights.load_state_dict(state["ema"])
     run.opt.load_state_dict(state["optimizer"])
-    if state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    start = int(state["step"])
     if len(state["rng"]) == run.world:
         ckpt_io.restore_rng(state["rng"][run.rank], run.generators)
-        run.batches.load_state(state["data"][run.rank])
+        if stored.get("dataset", run.cfg.dataset) == run.cfg.dataset:
+            run.batches.load_state(state["data"][run.rank])
     else:
         log.warning("checkpoint was written by %d rank(s), now %d: random streams "
                     "restart, the run will not match an uninterrupted one",
@@ -289,7 +341,6 @@ def _save(run: _Run, step: int) -> None:
     state = {"format": ckpt_io.FORMAT, "version": 1, "step": step,
              "model": run.net.state_dict(), "ema": run.ema_weights.state_dict(),
              "optimizer": run.opt.state_dict(),
-             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
              "rng": rng, "data": data_state, "options": run.options}
     path = ckpt_io.save_checkpoint(run.ckpt_dir, step, state, keep=run.cfg.keep_ckpts)
     log.debug("wrote %s", path)
@@ -343,14 +394,18 @@ def _evaluate(run: _Run, step: int) -> dict[str, float]:
 
 
 # ---- the steps ---------------------------------------------------------------------------
-def _train(run: _Run, start: int) -> int:
+def _train(run: _Run, start: int, stop: StopRequest | None = None) -> int:
     """Steps start..cfg.steps with their hooks, the final preview and the ranks' agreement
-    check; the last step."""
+    check; the last step. A stop request (fpkern.train.interrupt) ends the run at the next
+    step boundary, the same on every rank: a checkpoint of that step and a metrics row of
+    its last steps are written, then TrainingInterrupted is raised. The metrics file keeps
+    only its rows up to `start` (fpkern.train.metrics), so no step is ever in it twice."""
     from tqdm import tqdm
 
-    cfg = run.cfg
+    cfg, stop = run.cfg, stop if stop is not None else StopRequest()
     run.workdir.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(run.workdir, tensorboard=cfg.tensorboard) if run.is_main else None
+    writer = (MetricsWriter(run.workdir, tensorboard=cfg.tensorboard, start_step=start)
+              if run.is_main else None)
     if run.is_main:
         log.info("arch %s (%d parameters), %r, data %s %s, %d rank(s) x batch %d, steps %d, "
                  "FP %r every %d step(s)", cfg.arch, sum(p.numel() for p in run.params),
@@ -358,30 +413,46 @@ def _train(run: _Run, start: int) -> int:
                  cfg.batch_size // run.world, cfg.steps, run.fp_loss, cfg.fp_every)
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and run.is_main),
                dynamic_ncols=True, desc="train")
-    meter, step = _Meter(), start
+    meter, step, saved = _Meter(), start, None
     try:
-        while step < cfg.steps:
+        while step < cfg.steps and not stop.agreed(run.device):
             terms, lr_now = _step(run, step)
             step += 1
-            meter.add(terms)
+            meter.add(terms, lr_now)
             bar.update(1)
             if run.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
-                writer.write(step, meter.row(lr_now, cfg.fp_every))
+                writer.write(step, meter.row(cfg.fp_every))
                 bar.set_postfix(meter.postfix())
-            _hooks(run, step, writer)
-        if cfg.steps > start or not (run.workdir / "samples").exists():
-            _preview(run, step)
-        if run.world > 1:
-            _check_ranks_agree(run)
+            if _hooks(run, step, writer):
+                saved = step
+        if stop.agreed(run.device):
+            if step > start and saved != step:
+                _save(run, step)
+                saved = step
+            if run.is_main and meter.count:
+                writer.write(step, meter.row(cfg.fp_every))
+        else:
+            if cfg.steps > start or not (run.workdir / "samples").exists():
+                _preview(run, step)
+            if run.world > 1:
+                _check_ranks_agree(run)
     finally:
         bar.close()
         if writer is not None:
             writer.close()
+    if stop.signum is not None:
+        wrote = run.is_main and (saved is not None or start > 0)
+        stopped = TrainingInterrupted(stop.signum, step,
+                                      ckpt_io.latest_checkpoint(run.ckpt_dir) if wrote else None)
+        if run.is_main:
+            log.warning("%s", stopped)
+        raise stopped
     return step
 
 
-def _hooks(run: _Run, step: int, writer: MetricsWriter | None) -> None:
-    """Evaluation, preview and checkpoint after a step, each on its own schedule."""
+def _hooks(run: _Run, step: int, writer: MetricsWriter | None) -> bool:
+    """Evaluation, preview and checkpoint after a step, each on its own schedule; whether
+    a checkpoint of the step was written."""
     cfg = run.cfg
     if cfg.eval_every > 0 and step % cfg.eval_every == 0 and run.is_main:
         writer.write(step, _evaluate(run, step))
@@ -389,6 +460,8 @@ def _hooks(run: _Run, step: int, writer: MetricsWriter | None) -> None:
         _preview(run, step)
     if step % cfg.ckpt_every == 0 or step == cfg.steps:
         _save(run, step)
+        return True
+    return False
 
 
 def _step(run: _Run, step: int) -> tuple[dict[str, torch.Tensor], float]:
@@ -401,10 +474,9 @@ def _step(run: _Run, step: int) -> tuple[dict[str, torch.Tensor], float]:
         group["lr"] = lr_now
     loss, terms = _loss(run, x, run.fp_loss is not None and step % cfg.fp_every == 0)
     run.opt.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
+    loss.backward()
     if run.world > 1:
         _average_gradients(run.params, run.world)
-    run.scaler.unscale_(run.opt)
     stats = torch.stack([loss.detach(), _grad_norm(run.params, cfg.grad_clip).to(loss.dtype)])
     if run.world > 1:
         dist.all_reduce(stats)
@@ -415,8 +487,7 @@ def _step(run: _Run, step: int) -> tuple[dict[str, torch.Tensor], float]:
             f"non-finite {what} at step {step + 1} (loss {float(stats[0])}, terms "
             f"{ {k: float(v) for k, v in terms.items()} }); the step was not applied and the "
             f"last checkpoint in {run.ckpt_dir} is intact")
-    run.scaler.step(run.opt)
-    run.scaler.update()
+    run.opt.step()
     run.ema_weights.update(run.net, step + 1)
     terms["loss"], terms["grad_norm"] = stats[0], stats[1]
     return terms, lr_now
@@ -473,22 +544,24 @@ class _Meter:
 
     def __init__(self):
         self.sums, self.count, self.t_last, self.running = {}, 0, time.perf_counter(), {}
+        self.lr = math.nan  # the learning rate of the last step added
 
-    def add(self, terms: dict[str, torch.Tensor]) -> None:
+    def add(self, terms: dict[str, torch.Tensor], lr_now: float) -> None:
+        self.lr = lr_now
         for k, v in terms.items():
             v = float(v)
             self.sums[k] = self.sums.get(k, 0.0) + v
             self.running[k] = v if k not in self.running else 0.9 * self.running[k] + 0.1 * v
         self.count += 1
 
-    def row(self, lr_now: float, fp_every: int) -> dict[str, float]:
+    def row(self, fp_every: int) -> dict[str, float]:
         """The means since the last row (FP terms over the steps that had them); resets."""
         now = time.perf_counter()
         row = {k: v / self.count for k, v in self.sums.items() if k in ("loss", "dsm", "grad_norm")}
         for k in ("fp_vec", "fp_scalar"):
             if k in self.sums:
                 row[k] = self.sums[k] / max(1, math.ceil(self.count / fp_every))
-        row.update(lr=lr_now, steps_per_sec=self.count / max(now - self.t_last, 1e-9))
+        row.update(lr=self.lr, steps_per_sec=self.count / max(now - self.t_last, 1e-9))
         self.sums, self.count, self.t_last = {}, 0, now
         return row
 

@@ -1,6 +1,7 @@
 """The command line: every option documented with its default, config files, bad options."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -80,3 +81,93 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, tiny):
     assert ckpts
     ck = load_checkpoint(ckpts[-1])
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+# ---- one error boundary: a user mistake is one line and exit 2, before any work ----------
+def _one_line(capsys):
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m fpkern.train: error: "), lines
+    return lines[0]
+
+
+def test_data_mistakes_exit_2_in_one_line(tmp_path, capsys):
+    img = ["--arch", "ncsnpp", "--steps", "1", "--batch-size", "2", "--progress", "false"]
+    wd = tmp_path / "w"
+    assert main(img + ["--dataset", "mnist", "--workdir", str(wd)]) == 2
+    assert "mnist" in _one_line(capsys) and not wd.exists()
+    assert main(img + ["--dataset", "mnist", "--data-dir", str(tmp_path / "none"),
+                       "--workdir", str(wd)]) == 2
+    assert f"data_dir {tmp_path / 'none'}" in _one_line(capsys) and not wd.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(img + ["--dataset", "mnist", "--data-dir", str(empty), "--workdir", str(wd)]) == 2
+    line = _one_line(capsys)
+    assert f"--data-dir {empty}" in line and "train-images-idx3-ubyte" in line
+    assert not (wd / "checkpoints").exists()
+
+
+def test_init_from_mistakes_exit_2_in_one_line(tmp_path, tiny, capsys):
+    wd = tmp_path / "w"
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n" * 10)
+    assert main(tiny + ["--steps", "1", "--init-from", str(text), "--workdir", str(wd)]) == 2
+    line = _one_line(capsys)
+    assert f"--init-from {text}" in line and "KeyError" not in line
+    assert not (wd / "checkpoints").exists()
+    missing = tmp_path / "no.pt"
+    for extra in ([], ["--resume"]):  # checked with --resume too, before any work
+        assert main(tiny + ["--steps", "1", "--init-from", str(missing), "--workdir", str(wd),
+                            *extra]) == 2
+        assert str(missing) in _one_line(capsys)
+    # a plain torch file that is no fpkern or Score SDE checkpoint, for the MLP
+    other = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, other)
+    assert main(tiny + ["--steps", "1", "--init-from", str(other), "--workdir", str(wd)]) == 2
+    assert f"--init-from {other}" in _one_line(capsys)
+
+
+def test_workdir_mistakes_exit_2_in_one_line(tmp_path, tiny, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(tiny + ["--steps", "1", "--workdir", str(afile)]) == 2
+    assert f"workdir {afile}" in _one_line(capsys) and afile.read_text() == "x"
+    assert main(tiny + ["--steps", "1", "--workdir", str(afile / "sub")]) == 2
+    assert f"--workdir {afile / 'sub'}" in _one_line(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders")
+def test_read_only_workdir_exits_2_in_one_line(tmp_path, tiny, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert main(tiny + ["--steps", "1", "--workdir", str(ro)]) == 2
+        assert f"--workdir {ro}" in _one_line(capsys)
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_exits_2_in_one_line(tmp_path, tiny, capsys):
+    wd = tmp_path / "w"
+    assert main(tiny + ["--steps", "1", "--device", "cuda", "--workdir", str(wd)]) == 2
+    assert "--device cuda" in _one_line(capsys) and not wd.exists()
+
+
+def test_options_used_at_the_end_are_checked_before_the_run(tmp_path, tiny, capsys):
+    wd = tmp_path / "w"
+    for option, value in (("--num-samples", "0"), ("--sample-steps", "0"),
+                          ("--eval-every", "-1"), ("--sample-every", "-1")):
+        assert main(tiny + ["--steps", "2", option, value, "--workdir", str(wd)]) == 2
+        assert option[2:].replace("-", "_") in _one_line(capsys)
+        assert not wd.exists()  # nothing trained, nothing written
+
+
+def test_command_line_mistakes_are_one_line(capsys):
+    assert main(["--weighting", "nope"]) == 2
+    assert "--weighting" in _one_line(capsys)
+    assert main(["--steps", "x"]) == 2
+    assert "--steps" in _one_line(capsys)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--batch-size", "1.5"])
+    assert e.value.code == 2 and "--batch-size" in _one_line(capsys)

@@ -69,3 +69,16 @@ def test_sample_and_evaluate_commands_read_training_checkpoints(tmp_path, tiny, 
     line = [ln for ln in (text.out + text.err).splitlines() if "bits/dim" in ln][-1]
     bpd = float(line.split(":")[1].split()[0])
     assert math.isfinite(bpd) and 0 < bpd < 50
+
+
+def test_init_from_a_score_sde_checkpoint_of_another_network_is_one_line(tmp_path, capsys):
+    net = from_preset("small/ddpmpp")
+    path = tmp_path / "ddpmpp.pth"
+    save_score_sde_checkpoint(path, net)
+    capsys.readouterr()
+    assert train_main(["--arch", "ncsnpp", "--steps", "1", "--batch-size", "2", "--progress",
+                       "false", "--workdir", str(tmp_path / "w"), "--init-from", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"--init-from {path}" in lines[0], lines
+    assert "does not match the network" in lines[0] and len(lines[0]) < 1500
+    assert not ckpt_io.list_checkpoints(tmp_path / "w" / "checkpoints")

@@ -1,6 +1,7 @@
 """SIGKILL a run after a checkpoint, resume: bit-for-bit the uninterrupted run, every random
 state included."""
 
+import json
 import os
 import signal
 import subprocess
@@ -57,6 +58,12 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny):
     b = load_checkpoint(list_checkpoints(wd / "checkpoints")[-1])
     assert a["step"] == b["step"] == 200
     _assert_same(a, b)
+    # the rows the killed run wrote past its checkpoint were dropped, not repeated
+    assert _metric_steps(wd) == _metric_steps(ref) == list(range(5, 201, 5))
+
+
+def _metric_steps(wd):
+    return [json.loads(ln)["step"] for ln in (wd / "metrics.jsonl").read_text().splitlines()]
 
 
 def first_difference(a, b, path="checkpoint"):
