@@ -192,6 +192,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--corrector-steps", type=int, default=1, help="pc: Langevin steps per step")
     p.add_argument("--rtol", type=float, default=1e-5, help="ode: relative tolerance")
     p.add_argument("--atol", type=float, default=1e-5, help="ode: absolute tolerance")
+    p.add_argument("--order", type=int, default=3, choices=[1, 2, 3], help="dpm_solver: order")
+    p.add_argument("--singlestep", action="store_true",
+                   help="dpm_solver: single-step (order evaluations a step) instead of multistep")
+    p.add_argument("--prediction", default="data", choices=["data", "noise"],
+                   help="dpm_solver: data prediction (DPM-Solver++) or noise prediction")
+    p.add_argument("--schedule", default="logsnr",
+                   choices=["logsnr", "time_uniform", "time_quadratic"],
+                   help="dpm_solver: the time grid")
+    p.add_argument("--rho", type=float, default=7.0, help="edm_heun: the sigma schedule's rho")
     p.add_argument("--data-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="value range of the images, for the PNG (None: the checkpoint's "
                         "training range)")
@@ -328,7 +337,7 @@ def _check_args(args) -> None:
     check_at_least("-n/--num", args.num)
     check_at_least("--steps", args.steps)
     check_at_least("--corrector-steps", args.corrector_steps, 0)
-    for option in ("snr", "rtol", "atol"):
+    for option in ("snr", "rtol", "atol", "rho"):
         check_positive(f"--{option}", getattr(args, option))
     check_seed(args.seed)
     args.data_range = check_range("--data-range", args.data_range)
@@ -363,6 +372,11 @@ def main(argv=None) -> int:
         options = {"snr": args.snr, "corrector_steps": args.corrector_steps}
     elif args.method == "ode":
         options = {"rtol": args.rtol, "atol": args.atol}
+    elif args.method == "dpm_solver":
+        options = {"order": args.order, "multistep": not args.singlestep,
+                   "prediction": args.prediction, "schedule": args.schedule}
+    elif args.method == "edm_heun":
+        options = {"rho": args.rho}
     write_samples(model.score_fn, model.sde, (args.num,) + model.input_shape, args.out,
                   method=args.method, steps=args.steps, seed=args.seed,
                   data_range=args.data_range or model.data_range, device=args.device,

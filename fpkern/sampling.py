@@ -3,7 +3,7 @@
     sample(score_fn, sde, shape, *, method="pc", steps=None, generator=None, **options)
         -> SampleResult(samples, nfe)
 
-Methods (``SAMPLERS``), every one integrating from t = T down to t = eps on a float64 grid
+Methods (``SAMPLERS``). These six integrate from t = T down to t = eps on a float64 grid
 t_0 = T > t_1 > ... > t_steps = eps (uniform in t, as Score SDE):
 
 | method | what one step t -> t' (dt = t - t' > 0) does | NFE per step |
@@ -14,6 +14,27 @@ t_0 = T > t_1 > ... > t_steps = eps (uniform in t, as Score SDE):
 | ode | probability-flow ODE dx/dt = f x - 1/2 g^2 s (docs/MATH.md 7), adaptive Dormand-Prince RK45 (rtol, atol) | adaptive |
 | ode_euler | the same ODE with fixed Euler steps | 1 |
 | ode_heun | the same ODE with fixed Heun (trapezoidal RK2) steps | 2 |
+
+Two fast probability-flow samplers build their own float64 grid from T, eps and ``steps``,
+and for them ``steps`` is the number of score evaluations, exactly (docs/MATH.md 10):
+
+| method | what it does | NFE per step |
+|---|---|---|
+| dpm_solver | exponential integrator in log-SNR time lambda = log(alpha/sigma): the linear part exactly, the prediction as a polynomial in lambda (DPM-Solver, DPM-Solver++; Lu et al. 2022); VE, VP, sub-VP alike | 1 (multistep) or order |
+| edm_heun | EDM's deterministic Heun (Karras et al. 2022, S_churn = 0) on y = x/alpha in sigma_hat = sigma/alpha time, dy/dsigma_hat = (y - x_0)/sigma_hat, sigma_hat^(1/rho) uniform (VE: EDM's sigma-time; VP, sub-VP: its scaled form) | 2 (an Euler last step when steps is odd) |
+
+Their options (defaults first):
+
+- dpm_solver: ``order`` 3, 2 or 1. ``multistep`` True: one evaluation per step, the
+  polynomial through the last `order` predictions (DPM-Solver++(kM)); False: `order`
+  evaluations per step at lambda + r h, r = 1/2 or (1/3, 2/3) (DPM-Solver-k), steps % order
+  left over as one lower-order last step. ``prediction`` "data" (x_0, DPM-Solver++) or "noise"
+  (eps, DPM-Solver). ``schedule`` "logsnr" (uniform in lambda), "time_uniform",
+  "time_quadratic" (uniform in sqrt(t)).
+- edm_heun: ``rho`` 7.0, from sigma_hat(T) to sigma_hat(eps).
+
+Default steps: 20 for dpm_solver, 34 for edm_heun (with the denoising step EDM's 35 NFE).
+Both need sigma(eps) > 0 (eps > 0 for VP and sub-VP) and refuse steps < order.
 
 Denoising (``denoise=True``, the default): after reaching eps the sample is replaced by the
 Tweedie posterior mean E[x_0 | x_eps] = (x + sigma(eps)^2 s(x, eps)) / alpha(eps), i.e.
@@ -38,7 +59,7 @@ from fpkern._checks import bcast
 from fpkern.sde import LinearSDE
 
 __all__ = ["SAMPLERS", "SampleResult", "sample", "time_grid", "odeint_rk45", "ODEResult",
-           "probability_flow_drift", "tweedie_denoise"]
+           "probability_flow_drift", "tweedie_denoise", "score_prediction"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -85,10 +106,25 @@ def probability_flow_drift(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor,
     return bcast(f, x) * x - 0.5 * bcast(g2, x) * score_fn(x, t)
 
 
+def score_prediction(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, t: float,
+                     kind: str) -> torch.Tensor:
+    """The score s(x, t) as the prediction a diffusion network makes (one score evaluation).
+
+    kind "noise": eps = -sigma(t) s, the noise in x = alpha x_0 + sigma eps; kind "data":
+    x_0 = E[x_0 | x_t = x] = (x + sigma(t)^2 s) / alpha(t) (Tweedie). The one place where
+    fpkern turns a score into either prediction (docs/MATH.md 1.3 and 10).
+    """
+    if kind == "noise":
+        return -_coef(sde.sigma, t) * score_fn(x, _tvec(t, x))
+    if kind == "data":
+        sigma2, alpha = _coef(sde.sigma2, t), _coef(sde.alpha, t)
+        return (x + sigma2 * score_fn(x, _tvec(t, x))) / alpha
+    raise ValueError(f"unknown prediction {kind!r}; valid names: {list(_PREDICTIONS)}")
+
+
 def tweedie_denoise(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, t: float) -> torch.Tensor:
     """E[x_0 | x_t] = (x + sigma(t)^2 s(x, t)) / alpha(t) (one score evaluation)."""
-    sigma2, alpha = _coef(sde.sigma2, t), _coef(sde.alpha, t)
-    return (x + sigma2 * score_fn(x, _tvec(t, x))) / alpha
+    return score_prediction(score_fn, sde, x, t, "data")
 
 
 # ---- one-step updates: (x, t, t_next) -> (x, x_mean) -------------------------------------
@@ -190,6 +226,209 @@ def _ode_heun(score_fn, sde, x, grid, generator):
     return x, 2 * (len(grid) - 1)
 
 
+# ---- fast samplers: exponential integrators in log-SNR time and EDM's Heun (MATH.md 10) ----
+_PREDICTIONS = ("data", "noise")
+_SCHEDULES = ("logsnr", "time_uniform", "time_quadratic")
+_RATIOS = {1: (), 2: (1 / 2,), 3: (1 / 3, 2 / 3)}   # single-step intermediate points, r h
+
+
+class _Node(NamedTuple):
+    """A time of the solve with its float64 coefficients; lam = log(alpha / sigma)."""
+
+    t: float
+    alpha: float
+    sigma: float
+    lam: float
+
+
+def _log_snr(sde: LinearSDE, t: torch.Tensor) -> torch.Tensor:
+    """lambda(t) = log alpha(t) - log sigma(t), half the log signal-to-noise ratio."""
+    return sde.log_alpha(t) - torch.log(sde.sigma(t))
+
+
+def _nodes(sde: LinearSDE, ts: torch.Tensor) -> list[_Node]:
+    ts = ts.to(torch.float64)
+    log_alpha, sigma = sde.log_alpha(ts), sde.sigma(ts)
+    lam = log_alpha - torch.log(sigma)
+    return [_Node(*map(float, row)) for row in zip(ts, log_alpha.exp(), sigma, lam)]
+
+
+def _time_of_log_snr(sde: LinearSDE, lam: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """t in [lo, hi] with lambda(t) = lam, by bisection (lambda decreases in t); float64.
+    Generic over LinearSDE; 64 halvings bring [lo, hi] below float64 resolution."""
+    a = torch.full_like(lam, lo, dtype=torch.float64)
+    b = torch.full_like(lam, hi, dtype=torch.float64)
+    for _ in range(64):
+        mid = 0.5 * (a + b)
+        early = _log_snr(sde, mid) > lam            # lambda(mid) above the target: t > mid
+        a, b = torch.where(early, mid, a), torch.where(early, b, mid)
+    return 0.5 * (a + b)
+
+
+def _check_log_snr(sde, t0: float, eps: float, method: str) -> None:
+    """The exponential integrators need finite lambda at both ends, decreasing in t."""
+    if not isinstance(sde, LinearSDE):
+        raise ValueError(f"{method} needs a LinearSDE (VE, VP or sub-VP: alpha(t), sigma(t)), "
+                         f"got sde={type(sde).__name__}")
+    lam = _log_snr(sde, torch.tensor([t0, eps], dtype=torch.float64))
+    if not bool(torch.isfinite(lam).all()):
+        raise ValueError(f"{method} needs sigma(eps) > 0 (finite log-SNR at the last time); "
+                         f"sde={sde!r} has sigma(eps={eps!r}) = "
+                         f"{_coef(sde.sigma, eps):.3g}: use eps > 0")
+    if not float(lam[1]) > float(lam[0]):
+        raise ValueError(f"{method} needs a log-SNR that decreases in t; sde={sde!r} has "
+                         f"lambda(T)={float(lam[0]):.4g}, lambda(eps)={float(lam[1]):.4g}")
+
+
+def _check_steps(steps: int, order: int, method: str) -> None:
+    if steps < order:
+        raise ValueError(f"steps={steps} is fewer than order={order}: {method} of order "
+                         f"{order} needs steps >= {order} network evaluations")
+
+
+def _phi(k: int, h: float) -> float:
+    """phi_k(h) = sum_j h^j / (j + k)! (phi_0 = e^h, phi_{k+1} = (phi_k - 1/k!) / h); the
+    series where the recurrence would cancel."""
+    if abs(h) < 1.0:
+        return sum(h ** j / math.factorial(j + k) for j in range(25))
+    p = math.exp(h)
+    for j in range(k):
+        p = (p - 1.0 / math.factorial(j)) / h
+    return p
+
+
+def _newton(taus: list[float], values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Coefficients c_k of the polynomial sum_k c_k tau^k through (tau_j, m_j), tau_0 = 0."""
+    m0 = values[0]
+    if len(values) == 1:
+        return [m0]
+    d01 = (values[1] - m0) / taus[1]
+    if len(values) == 2:
+        return [m0, d01]
+    d012 = ((values[2] - values[1]) / (taus[2] - taus[1]) - d01) / taus[2]
+    return [m0, d01 - taus[1] * d012, d012]
+
+
+def _ei_step(x: torch.Tensor, coeffs: list[torch.Tensor], a: _Node, b: _Node,
+             kind: str) -> torch.Tensor:
+    """x at b from x at a, with the prediction taken as sum_k c_k (lambda - lambda_a)^k and
+    the exponentially weighted integral done exactly (MATH.md 10.2, h = lambda_b - lambda_a):
+    noise: x_b = (alpha_b/alpha_a) x - sigma_b sum_k k! h^(k+1) phi_(k+1)(h) c_k;
+    data:  x_b = (sigma_b/sigma_a) x + alpha_b sum_k k! h^(k+1) phi_(k+1)(-h) c_k."""
+    h = b.lam - a.lam
+    if kind == "noise":
+        out = (b.alpha / a.alpha) * x
+        w = [-b.sigma * math.factorial(k) * h ** (k + 1) * _phi(k + 1, h) for k in range(3)]
+    else:
+        out = (b.sigma / a.sigma) * x
+        w = [b.alpha * math.factorial(k) * h ** (k + 1) * _phi(k + 1, -h) for k in range(3)]
+    for wk, c in zip(w, coeffs):
+        out = out + wk * c
+    return out
+
+
+def _dpm_grid(sde: LinearSDE, intervals: int, t0: float, eps: float, schedule: str):
+    """intervals + 1 float64 times from t0 down to eps: uniform in lambda, t or sqrt(t)."""
+    if schedule == "time_uniform":
+        ts = torch.linspace(t0, eps, intervals + 1, dtype=torch.float64)
+    elif schedule == "time_quadratic":
+        ts = torch.linspace(math.sqrt(t0), math.sqrt(eps), intervals + 1, dtype=torch.float64) ** 2
+    else:
+        lam = _log_snr(sde, torch.tensor([t0, eps], dtype=torch.float64))
+        ts = _time_of_log_snr(sde, torch.linspace(float(lam[0]), float(lam[1]), intervals + 1,
+                                                  dtype=torch.float64), eps, t0)
+    ts[0], ts[-1] = t0, eps
+    return ts
+
+
+def _single_step_plan(sde, n: int, order: int, t0: float, eps: float, schedule: str):
+    """(a, intermediate nodes, b) per step: n // order steps of order, then one of order
+    n % order if that is not 0, so that the orders add up to n evaluations."""
+    orders = [order] * (n // order) + ([n % order] if n % order else [])
+    nodes = _nodes(sde, _dpm_grid(sde, len(orders), t0, eps, schedule))
+    lam = [a.lam + r * (b.lam - a.lam) for k, a, b in zip(orders, nodes[:-1], nodes[1:])
+           for r in _RATIOS[k]]
+    mids = iter(_nodes(sde, _time_of_log_snr(sde, torch.tensor(lam, dtype=torch.float64),
+                                             eps, t0)) if lam else [])
+    return [(a, [next(mids) for _ in _RATIOS[k]], b)
+            for k, a, b in zip(orders, nodes[:-1], nodes[1:])]
+
+
+def _dpm_single(model, x, a: _Node, mids: list[_Node], b: _Node, kind: str) -> torch.Tensor:
+    """One single-step DPM-Solver step a -> b of order 1 + len(mids) (that many evaluations):
+    predictions at a and at the intermediate points mids (lambda_a + r h, r of _RATIOS), each
+    reached with the polynomial so far; the last one and a fix the final polynomial."""
+    m0 = model(x, a)
+    coeffs = [m0]
+    for node in mids:
+        u = _ei_step(x, coeffs, a, node, kind)
+        coeffs = _newton([0.0, node.lam - a.lam], [m0, model(u, node)])
+    return _ei_step(x, coeffs, a, b, kind)
+
+
+def _dpm_solver(score_fn, sde, x, grid, generator, *, order=3, multistep=True,
+                prediction="data", schedule="logsnr"):
+    """DPM-Solver (noise) / DPM-Solver++ (data), single-step or multistep, order 1-3, with
+    exactly len(grid) - 1 score evaluations on its own grid from grid[0] to grid[-1]."""
+    if isinstance(order, bool) or order not in _RATIOS:
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    if not isinstance(multistep, bool):
+        raise ValueError(f"multistep must be True or False, got {multistep!r}")
+    if prediction not in _PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; valid names: {list(_PREDICTIONS)}")
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid names: {list(_SCHEDULES)}")
+    n, t0, eps = len(grid) - 1, float(grid[0]), float(grid[-1])
+    _check_steps(n, order, "dpm_solver")
+    _check_log_snr(sde, t0, eps, "dpm_solver")
+
+    def model(y, node):
+        return score_prediction(score_fn, sde, y, node.t, prediction)
+
+    if multistep:   # one evaluation per interval; the first order - 1 steps warm up
+        nodes = _nodes(sde, _dpm_grid(sde, n, t0, eps, schedule))
+        hist: list[tuple[_Node, torch.Tensor]] = []
+        for a, b in zip(nodes[:-1], nodes[1:]):
+            hist = (hist + [(a, model(x, a))])[-order:]
+            taus = [node.lam - a.lam for node, _ in reversed(hist)]
+            x = _ei_step(x, _newton(taus, [m for _, m in reversed(hist)]), a, b, prediction)
+        return x, n
+    for a, mids, b in _single_step_plan(sde, n, order, t0, eps, schedule):
+        x = _dpm_single(model, x, a, mids, b, prediction)
+    return x, n
+
+
+def _edm_heun(score_fn, sde, x, grid, generator, *, rho=7.0):
+    """EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1 with S_churn = 0) on
+    y = x / alpha in noise-level time sigma_hat = sigma / alpha, dy/dsigma_hat = (y - x_0) /
+    sigma_hat; len(grid) - 1 evaluations (an Euler last step when that is odd)."""
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
+        raise ValueError(f"rho must be a positive number, got {rho!r}")
+    n, t0, eps = len(grid) - 1, float(grid[0]), float(grid[-1])
+    _check_steps(n, 2, "edm_heun")
+    _check_log_snr(sde, t0, eps, "edm_heun")
+    intervals = (n + 1) // 2
+    lam = _log_snr(sde, torch.tensor([t0, eps], dtype=torch.float64))
+    hi, lo = math.exp(-float(lam[0]) / rho), math.exp(-float(lam[1]) / rho)
+    frac = torch.arange(intervals + 1, dtype=torch.float64) / intervals
+    sig = (hi + frac * (lo - hi)) ** rho                  # EDM eq. 5: sigma_hat^(1/rho) linear
+    ts = _time_of_log_snr(sde, -torch.log(sig), eps, t0)
+    ts[0], ts[-1] = t0, eps
+    nodes = _nodes(sde, ts)
+
+    def slope(y, node):   # (y - D(y; sigma_hat)) / sigma_hat, D the data prediction at x = alpha y
+        x0 = score_prediction(score_fn, sde, node.alpha * y, node.t, "data")
+        return (y - x0) / math.exp(-node.lam)
+
+    y = x / nodes[0].alpha
+    for i, (a, b) in enumerate(zip(nodes[:-1], nodes[1:])):
+        ds = math.exp(-b.lam) - math.exp(-a.lam)
+        d1 = slope(y, a)
+        y_euler = y + ds * d1
+        y = y_euler if 2 * i + 2 > n else y + 0.5 * ds * (d1 + slope(y_euler, b))
+    return nodes[-1].alpha * y, n
+
+
 SAMPLERS = {
     "euler_maruyama": _euler_maruyama,
     "reverse_diffusion": _reverse_diffusion,
@@ -197,10 +436,15 @@ SAMPLERS = {
     "ode": _ode,
     "ode_euler": _ode_euler,
     "ode_heun": _ode_heun,
+    "dpm_solver": _dpm_solver,
+    "edm_heun": _edm_heun,
 }
 
-_OPTIONS = {"pc": ("snr", "corrector_steps"), "ode": ("rtol", "atol")}
-_DEFAULT_STEPS = {"ode": 1}   # the adaptive solver ignores the grid's interior
+_OPTIONS = {"pc": ("snr", "corrector_steps"), "ode": ("rtol", "atol"),
+            "dpm_solver": ("order", "multistep", "prediction", "schedule"), "edm_heun": ("rho",)}
+# "ode" ignores the grid's interior; dpm_solver and edm_heun build their own grids, and their
+# steps count score evaluations: 20 (DPM-Solver's suggestion), 34 (+1 denoise: EDM's 35 NFE)
+_DEFAULT_STEPS = {"ode": 1, "dpm_solver": 20, "edm_heun": 34}
 
 
 def sample(score_fn: ScoreFn, sde: LinearSDE, shape, *, method: str = "pc",
@@ -209,10 +453,12 @@ def sample(score_fn: ScoreFn, sde: LinearSDE, shape, *, method: str = "pc",
            device=None, dtype: torch.dtype = torch.float32, **options) -> SampleResult:
     """Draw samples of shape [B, ...] by integrating from the prior at T down to eps.
 
-    method: a key of SAMPLERS. steps: grid intervals (default sde.N; unused by "ode").
+    method: a key of SAMPLERS. steps: grid intervals (default sde.N; unused by "ode"); for
+    dpm_solver and edm_heun the score evaluations before denoising (default 20 and 34).
     generator: the one random source (prior and noise). eps: last time (Score SDE: 1e-3 for
     sampling). denoise: Tweedie step at eps. x_T: start here instead of a prior sample.
-    options: per method, pc: snr=0.16, corrector_steps=1; ode: rtol=1e-5, atol=1e-5.
+    options: per method, pc: snr=0.16, corrector_steps=1; ode: rtol=1e-5, atol=1e-5;
+    dpm_solver: order=3, multistep=True, prediction="data", schedule="logsnr"; edm_heun: rho=7.
     """
     if method not in SAMPLERS:
         raise ValueError(f"unknown method {method!r}; valid names: {sorted(SAMPLERS)}")

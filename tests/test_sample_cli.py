@@ -326,3 +326,43 @@ def test_cuda_samples_match_cpu(ckpts, tmp_path):
                       "--device", device, "--out", out]) == 0
         outs.append(_grid_tiles(out, 4, 16).int())
     assert (outs[0] - outs[1]).abs().max() <= 1
+
+
+@pytest.mark.parametrize("argv, method, options", [
+    (["--method", "dpm_solver", "--order", "2", "--singlestep", "--prediction", "noise",
+      "--schedule", "time_uniform"], "dpm_solver",
+     dict(order=2, multistep=False, prediction="noise", schedule="time_uniform")),
+    (["--method", "dpm_solver"], "dpm_solver",
+     dict(order=3, multistep=True, prediction="data", schedule="logsnr")),
+    (["--method", "edm_heun", "--rho", "5"], "edm_heun", dict(rho=5.0)),
+])
+def test_fast_sampler_options_reach_the_sampler(ckpts, tmp_path, monkeypatch, argv, method,
+                                                options):
+    """The dpm_solver and edm_heun options of the command line are the sampler's keywords,
+    and the samples are those of fpkern.sampling.sample with them."""
+    import fpkern.sample as cli
+    from fpkern.sampling import sample as real_sample
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "sample", spy)
+    path = ckpts["mlp"]
+    assert _main(["--checkpoint", path, *argv, "--steps", "4", "-n", "8",
+                  "--out", tmp_path / "pts.png"]) == 0
+    assert seen["method"] == method and seen["steps"] == 4
+    assert {k: seen[k] for k in options} == options
+    assert (tmp_path / "pts.png").stat().st_size > 0
+
+
+def test_fast_sampler_bad_options_exit_2(ckpts, tmp_path, capsys):
+    path = ckpts["mlp"]
+    assert _main(["--checkpoint", path, "--method", "edm_heun", "--rho", "-1",
+                  "--out", tmp_path / "x.png"]) == 2
+    assert "--rho" in error_line(capsys)
+    assert _main(["--checkpoint", path, "--method", "dpm_solver", "--order", "4",
+                  "--out", tmp_path / "x.png"]) == 2
+    assert "--order" in error_line(capsys)
