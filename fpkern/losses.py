@@ -8,6 +8,8 @@ per-sample vector term and the batch-level scalar term; the training loop reduce
 
     dsm = DSMLoss(sde)                       # likelihood weighting, t ~ U[eps, T]
     fp = FPLoss(sde)                         # paper defaults: alpha .15, beta .01, m 2, 'll'
+    fp = FPLoss(sde, alpha=4.9e-5, normalize="dim", scalar="consistent")  # the paper's
+                                             # CIFAR-10 strength in the per-dimension scale
     d, f = fp.with_dsm(dsm, score_fn, x, generator=g)   # DSMOutput, FPOutput
     loss = d.loss.mean() + f.loss
 
@@ -37,7 +39,8 @@ from fpkern.ops import (FORMS, METHODS, PROBE_DISTS, FPETerms, fpe_residual, fpe
 from fpkern.sde import LinearSDE
 
 __all__ = ["DSMLoss", "FPLoss", "DSMOutput", "FPOutput", "sample_time",
-           "DSM_WEIGHTINGS", "WEIGHTINGS", "FP_POINTS", "ESTIMATORS"]
+           "DSM_WEIGHTINGS", "WEIGHTINGS", "FP_POINTS", "ESTIMATORS", "NORMALIZATIONS",
+           "SCALAR_TERMS"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -55,7 +58,16 @@ FP_POINTS = ("pert", "x", "random")
 #: noisier than 'vector''s, for a step only somewhat cheaper, that 'vector' gives more per
 #: second (measured in experiments/results/estimator_efficiency.md).
 ESTIMATORS = ("vector", "projected")
-
+#: How L_vec is normalised by the dimension D (docs/MATH.md 4): 'paper' w |r|^m / D^m
+#: (FP-Diffusion's code: against the per-dimension-mean DSM its strength falls as 1/D^(m/2));
+#: 'dim' w (|r|^2 / D)^(m/2), the m-th power of the residual's RMS component, so that one
+#: alpha has the same strength against DSM at every D. alpha_dim = alpha_paper / D^(m/2).
+NORMALIZATIONS = ("paper", "dim")
+#: Which scalar term L_scalar is (docs/MATH.md 4): 'paper' the batch L2 norm of the scalar
+#: right-hand side h (FP-Diffusion's; not zero at the true score); 'consistent' an unbiased
+#: estimate of M^2, M = E[(h - D f(t)) / D] over x_t and t, which is 0 at the true score
+#: (E_q[d_t log q_t] = 0). The estimate can be negative and enters the loss as it is.
+SCALAR_TERMS = ("paper", "consistent")
 
 
 def sample_time(n: int, *, eps: float, T: float, generator: torch.Generator | None = None,
@@ -80,8 +92,10 @@ class FPOutput(NamedTuple):
     """The FP regulariser's terms; ``loss`` = alpha * mean(vec) + beta * scalar."""
 
     loss: torch.Tensor     # scalar, weighted sum of both terms
-    vec: torch.Tensor      # [n] per-sample w(t) |r|_2^m / D^m
-    scalar: torch.Tensor   # scalar, batch L2 norm of the scalar FPE right-hand side
+    vec: torch.Tensor      # [n] per-sample w(t) |r|_2^m / D^m ('paper'), / D^(m/2) ('dim')
+    scalar: torch.Tensor   # scalar: 'paper' the batch L2 norm of the scalar FPE right-hand
+                           # side h; 'consistent' the unbiased estimate of E[(h - D f) / D]^2
+                           # (can be negative)
 
 
 class DSMLoss:
@@ -127,10 +141,15 @@ class DSMLoss:
 class FPLoss:
     """The score-FPE regulariser alpha * L_vec + beta * L_scalar (docs/MATH.md 4).
 
-    L_vec per sample: w(t) |r(y, t)|_2^m / D^m with r the score-FPE residual
-    (``fpkern.ops.fpe_residual`` with ``form``, ``method``, ``probes``) at points y
-    (``fp_points``) and w from ``weighting``. L_scalar: the batch L2 norm of
-    1/2 g^2 (div s + |s|^2) - f <y, s>, div by Hutchinson (``probes`` probes).
+    L_vec per sample: w(t) |r(y, t)|_2^m / D^m (``normalize`` 'paper') or
+    w(t) (|r(y, t)|_2^2 / D)^(m/2) ('dim': the same alpha means the same strength against
+    the per-dimension DSM at every D; alpha_dim = alpha_paper / D^(m/2), see NORMALIZATIONS),
+    with r the score-FPE residual (``fpkern.ops.fpe_residual`` with ``form``, ``method``,
+    ``probes``) at points y (``fp_points``) and w from ``weighting``. L_scalar, from
+    h = 1/2 g^2 (div s + |s|^2) - f <y, s> with div by Hutchinson (``probes`` probes):
+    ``scalar`` 'paper', the batch L2 norm of h; 'consistent', mean(e)^2 - var(e) / n with
+    e = (h - D f(t)) / D, unbiased for E[e]^2, which is 0 at the true score with fp_points
+    'pert' (see SCALAR_TERMS; needs n >= 2 FP samples).
     ``batch``: evaluate on the first ``batch`` samples only (None: all), a cost knob.
     ``data_range``: (lo, hi) for fp_points 'random' (None: the batch's min and max).
     ``estimator``: 'vector' (|r|^2 from r) or 'projected' ((u . r)^2, see ESTIMATORS).
@@ -143,8 +162,11 @@ class FPLoss:
                  weighting: str = "ll", fp_points: str = "pert", form: str = "div",
                  method: str = "fused", probes: int = 1, probe_dist: str = "rademacher",
                  batch: int | None = None, data_range: tuple[float, float] | None = None,
-                 eps: float = 1e-5, estimator: str = "vector"):
+                 eps: float = 1e-5, estimator: str = "vector", normalize: str = "paper",
+                 scalar: str = "paper"):
         check_choice("weighting", weighting, WEIGHTINGS)
+        check_choice("normalize", normalize, NORMALIZATIONS)
+        check_choice("scalar", scalar, SCALAR_TERMS)
         check_choice("estimator", estimator, ESTIMATORS)
         if estimator == "projected" and (form != "div" or m != 2 or method != "fused"):
             raise ValueError("estimator 'projected' needs form 'div', m 2 and method 'fused', "
@@ -161,6 +183,9 @@ class FPLoss:
             raise ValueError(f"probes must be a positive int, got {probes!r}")
         if batch is not None and (isinstance(batch, bool) or int(batch) < 1):
             raise ValueError(f"batch must be a positive int or None, got {batch!r}")
+        if scalar == "consistent" and beta > 0 and batch is not None and int(batch) < 2:
+            raise ValueError(f"scalar 'consistent' needs batch >= 2 FP samples (its estimate "
+                             f"pairs distinct samples), got batch {batch}")
         if not 0 <= eps < sde.T:
             raise ValueError(f"eps must lie in [0, T={sde.T}), got {eps}")
         self.sde = sde
@@ -171,12 +196,31 @@ class FPLoss:
         self.data_range = data_range
         self.eps = float(eps)
         self.estimator = estimator
+        self.normalize, self.scalar = normalize, scalar
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """w(t): 1, g(t) or g(t)^2."""
         if self.weighting == "constant":
             return torch.ones_like(t)
         return self.sde.g2(t) if self.weighting == "ll" else self.sde.g(t)
+
+    def vec_scale(self, D: int) -> float:
+        """The divisor of w |r|^m in L_vec: D^m ('paper') or D^(m/2) ('dim')."""
+        return D ** self.m if self.normalize == "paper" else D ** (self.m / 2)
+
+    def scalar_term(self, h: torch.Tensor, t: torch.Tensor, D: int) -> torch.Tensor:
+        """L_scalar from the per-sample scalar right-hand side h [n] at times t [n] in D
+        dimensions: 'paper' |h|_2 over the batch; 'consistent' mean(e)^2 - var(e) / n,
+        e = (h - D f(t)) / D, the squared batch mean less its estimated variance (the mean
+        over pairs of distinct samples of e_i e_j): unbiased for E[e]^2 (docs/MATH.md 4)."""
+        if self.scalar == "paper":
+            return torch.linalg.vector_norm(h)
+        n = h.shape[0]
+        if n < 2:
+            raise ValueError(f"scalar 'consistent' needs at least 2 FP samples, got {n}")
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        e = (h.to(dtype) - D * self.sde.f(t).to(dtype)) / D
+        return e.mean().square() - e.var() / n
 
     def points(self, x: torch.Tensor, dsm: DSMOutput | None, *,
                generator: torch.Generator | None = None):
@@ -205,7 +249,7 @@ class FPLoss:
                  generator: torch.Generator | None = None) -> FPOutput:
         y, t, s = self.points(x, dsm, generator=generator)
         if self.alpha > 0 and self.method == "fused":
-            return self._output(self._terms(score_fn, y, t, s, generator))
+            return self._output(self._terms(score_fn, y, t, s, generator), t)
         D = y[0].numel()
         zero = y.new_zeros(())
         vec = y.new_zeros(y.shape[0])
@@ -215,7 +259,7 @@ class FPLoss:
                              score=s)
             norm = r.flatten(1).pow(2).sum(1)
             norm = norm if self.m == 2 else norm.sqrt() ** self.m
-            vec = self.weight(t).to(norm.dtype) * norm / D ** self.m
+            vec = self.weight(t).to(norm.dtype) * norm / self.vec_scale(D)
         scalar = zero
         if self.beta > 0:
             if s is None:
@@ -223,7 +267,7 @@ class FPLoss:
             div = hutchinson_divergence(score_fn, y, t, probes=self.probes,
                                         probe_dist=self.probe_dist, generator=generator)
             f, g2 = self.sde.f(t).to(y.dtype), self.sde.g2(t).to(y.dtype)
-            scalar = torch.linalg.vector_norm(scalar_fpe_rhs(y, s, div, f, g2))
+            scalar = self.scalar_term(scalar_fpe_rhs(y, s, div, f, g2), t, D)
         return FPOutput(self.alpha * vec.mean() + self.beta * scalar, vec, scalar)
 
     def with_dsm(self, dsm: DSMLoss, score_fn: ScoreFn, x: torch.Tensor, *,
@@ -247,7 +291,7 @@ class FPLoss:
         n = x.shape[0] if self.batch is None else min(self.batch, x.shape[0])
         terms = self._terms(score_fn, xt[:n], t[:n], None, generator)
         s = terms.score if n == x.shape[0] else torch.cat([terms.score, score_fn(xt[n:], t[n:])])
-        return dsm.from_score(s, t, xt, z, std), self._output(terms)
+        return dsm.from_score(s, t, xt, z, std), self._output(terms, t[:n])
 
     def shares_dsm_forward(self) -> bool:
         """Whether with_dsm takes the DSM term's score from the FP pass (on the samples the
@@ -257,14 +301,14 @@ class FPLoss:
 
     def _terms(self, score_fn, y, t, s, generator) -> FPETerms:
         """Every FP term from one pass (method 'fused'; fpkern.ops.fpe_terms)."""
-        w = self.weight(t).to(y.dtype) / y[0].numel() ** self.m
+        w = self.weight(t).to(y.dtype) / self.vec_scale(y[0].numel())
         return fpe_terms(score_fn, y, t, self.sde, form=self.form, weight=w, m=self.m,
                          probes=self.probes, probe_dist=self.probe_dist, generator=generator,
                          score=s if self.form == "laplacian" else None,
                          directions=1 if self.estimator == "projected" else None)
 
-    def _output(self, terms: FPETerms) -> FPOutput:
-        scalar = (torch.linalg.vector_norm(terms.scalar) if self.beta > 0
+    def _output(self, terms: FPETerms, t: torch.Tensor) -> FPOutput:
+        scalar = (self.scalar_term(terms.scalar, t, terms.score[0].numel()) if self.beta > 0
                   else terms.loss.new_zeros(()))
         return FPOutput(self.alpha * terms.loss.mean() + self.beta * scalar, terms.loss, scalar)
 
@@ -272,4 +316,5 @@ class FPLoss:
         return (f"FPLoss(alpha={self.alpha}, beta={self.beta}, m={self.m}, "
                 f"weighting={self.weighting!r}, fp_points={self.fp_points!r}, form={self.form!r}, "
                 f"method={self.method!r}, probes={self.probes}, batch={self.batch}, "
-                f"estimator={self.estimator!r})")
+                f"estimator={self.estimator!r}, normalize={self.normalize!r}, "
+                f"scalar={self.scalar!r})")

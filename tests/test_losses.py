@@ -272,3 +272,44 @@ def test_with_dsm_equals_the_two_terms_apart(config, plain):
     want = torch.autograd.grad(d2.loss.mean() + f2.loss, params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("weighting", ["constant", "convention", "ll"])
+@pytest.mark.parametrize("m", [1.0, 2.0, 3.0])
+def test_fp_vec_dim_normalisation(weighting, m):
+    """normalize 'dim': vec = w (|r|^2 / D)^(m/2) = w |r|^m / D^(m/2), with D the size of a
+    sample of any shape (here 2 x 3); D^(m/2) times the paper's value."""
+    sde = VPSDE()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    f = Field()
+    dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(3))
+    fp = FPLoss(sde, alpha=0.5, beta=0.0, m=m, weighting=weighting, method="exact",
+                normalize="dim")
+    out = fp(f, x, dsm=dsm)
+    r = fpe_residual(f, dsm.xt, dsm.t, sde, method="exact")
+    w = {"constant": torch.ones_like(dsm.t), "convention": sde.g(dsm.t),
+         "ll": sde.g2(dsm.t)}[weighting]
+    want = w * (r.flatten(1).pow(2).sum(1) / 6) ** (m / 2)
+    torch.testing.assert_close(out.vec, want)
+    torch.testing.assert_close(out.loss, 0.5 * want.mean())
+    paper = FPLoss(sde, alpha=0.5, beta=0.0, m=m, weighting=weighting, method="exact")(
+        f, x, dsm=dsm)
+    torch.testing.assert_close(out.vec, 6 ** (m / 2) * paper.vec)
+
+
+def test_fp_consistent_scalar_term_from_the_dsm_score():
+    """scalar 'consistent': mean(e)^2 - var(e) / n with e = (h - D f) / D, h from the DSM
+    forward's s and the Hutchinson divergence (as the paper's term, which is |h|_2)."""
+    sde = VPSDE()
+    x = torch.randn(7, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    f = Field()
+    dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(5))
+    fp = FPLoss(sde, alpha=0.0, beta=0.25, probes=2, scalar="consistent")
+    out = fp(f, x, dsm=dsm, generator=torch.Generator().manual_seed(6))
+    div = hutchinson_divergence(f, dsm.xt, dsm.t, probes=2,
+                                generator=torch.Generator().manual_seed(6))
+    fc, g2 = sde.f(dsm.t), sde.g2(dsm.t)
+    h = 0.5 * g2 * (div + dsm.s.pow(2).sum(1)) - fc * (dsm.xt * dsm.s).sum(1)
+    e = (h - 4 * fc) / 4
+    torch.testing.assert_close(out.scalar, e.mean() ** 2 - e.var() / 7)
+    torch.testing.assert_close(out.loss, 0.25 * (e.mean() ** 2 - e.var() / 7))

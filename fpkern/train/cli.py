@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 from fpkern.errors import ArgumentParser, UsageError, cli_boundary
-from fpkern.losses import DSM_WEIGHTINGS, ESTIMATORS, FP_POINTS, WEIGHTINGS
+from fpkern.losses import (DSM_WEIGHTINGS, ESTIMATORS, FP_POINTS, NORMALIZATIONS,
+                           SCALAR_TERMS, WEIGHTINGS)
 from fpkern.train.config import ARCHS, TrainConfig, file_options, load_config
 
 __all__ = ["build_parser", "parse_args", "main", "load_config"]
@@ -103,6 +104,20 @@ def _objective(g) -> None:
                    help="L_vec from the residual vector, or the forward-only unbiased (u . r)^2 "
                         "(div form, m 2, fused; faster per step, but its gradient is orders of "
                         "magnitude noisier: experiments/results/estimator_efficiency.md)")
+    g.add_argument("--fp-normalize", choices=NORMALIZATIONS, default="paper",
+                   help="L_vec's normalisation by the dimension D: paper = w |r|^m / D^m "
+                        "(FP-Diffusion's code; against the per-dimension-mean DSM it weakens "
+                        "as D^(m/2)), dim = w (|r|^2 / D)^(m/2), the same strength against DSM "
+                        "at every D. The same objective: alpha_dim = alpha_paper / D^(m/2); "
+                        "the paper's CIFAR-10 alpha 0.15 (D 3072, m 2) is alpha_dim 4.9e-5 "
+                        "(in its VE configs, whose DSM is half the sum over D, not the mean: "
+                        "2 alpha_paper / D^2 = 3.2e-8). "
+                        "docs/MATH.md section 4")
+    g.add_argument("--fp-scalar", choices=SCALAR_TERMS, default="paper",
+                   help="L_scalar: paper = the batch L2 norm of the scalar FPE right-hand side h "
+                        "(not 0 at the true score), consistent = an unbiased estimate of "
+                        "E[(h - D f(t)) / D]^2, 0 at the true score (can be negative; needs 2 "
+                        "FP samples). docs/MATH.md section 4")
     g.add_argument("--fp-batch", type=_opt_int, default=None,
                    help="samples per rank the FP terms use, 0 = all (in the div form with "
                         "method fused the DSM term takes these samples' score from the FP pass) "

@@ -63,6 +63,8 @@ class TrainConfig:
     method: str = "fused"             # residual method: fused, exact or naive
     probes: int = 1                   # Hutchinson probes per sample
     fp_estimator: str = "vector"      # L_vec from r (vector) or forward-only (u . r)^2 (projected)
+    fp_normalize: str = "paper"       # L_vec / D^m (paper) or / D^(m/2) (dim: per-dimension)
+    fp_scalar: str = "paper"          # L_scalar: batch norm of h (paper) or consistent (0 at truth)
     fp_batch: int | None = None       # samples per rank the FP terms use (0: all)
     fp_every: int | None = None       # add the FP terms every this many steps
     dsm_weighting: str = "ll"         # DSM lambda(t): ll (g^2) or score_sde (sigma^2)
@@ -136,7 +138,8 @@ class TrainConfig:
         """Choices, ranges, combinations and paths of a resolved config."""
         from fpkern.data.images import IMAGE_SETS
         from fpkern.data.toy2d import TOY_SETS
-        from fpkern.losses import DSM_WEIGHTINGS, ESTIMATORS, FP_POINTS, WEIGHTINGS
+        from fpkern.losses import (DSM_WEIGHTINGS, ESTIMATORS, FP_POINTS, NORMALIZATIONS,
+                                   SCALAR_TERMS, WEIGHTINGS)
         from fpkern.models import PRESETS
         from fpkern.ops import FORMS, METHODS
         from fpkern.sde import SDES
@@ -159,6 +162,7 @@ class TrainConfig:
             check_choice("preset", self.preset, sorted(PRESETS))
         for name, valid in (("weighting", WEIGHTINGS), ("fp_points", FP_POINTS), ("form", FORMS),
                             ("method", sorted(METHODS)), ("fp_estimator", ESTIMATORS),
+                            ("fp_normalize", NORMALIZATIONS), ("fp_scalar", SCALAR_TERMS),
                             ("dsm_weighting", DSM_WEIGHTINGS)):
             check_choice(name, getattr(self, name), valid)
         if self.alpha < 0 or self.beta < 0:
@@ -166,6 +170,11 @@ class TrainConfig:
         if self.fp_batch < 0 or self.probes < 1:
             raise ValueError(f"fp_batch must be >= 0 and probes >= 1, got {self.fp_batch}, "
                              f"{self.probes}")
+        per_rank = self.batch_size // world_size
+        fp_samples = min(self.fp_batch or per_rank, per_rank)
+        if self.fp_scalar == "consistent" and self.beta > 0 and fp_samples < 2:
+            raise ValueError(f"fp_scalar 'consistent' needs at least 2 FP samples per rank "
+                             f"(fp_batch, or batch_size / ranks), got {fp_samples}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"EMA decay must lie in [0, 1), got {self.ema}")
         self._check_counts()

@@ -236,7 +236,8 @@ def _fp_loss(cfg: TrainConfig, forward_sde: LinearSDE) -> FPLoss | None:
         return None
     return FPLoss(forward_sde, alpha=cfg.alpha, beta=cfg.beta, m=cfg.m, weighting=cfg.weighting,
                   fp_points=cfg.fp_points, form=cfg.form, method=cfg.method, probes=cfg.probes,
-                  batch=cfg.fp_batch or None, eps=cfg.eps, estimator=cfg.fp_estimator)
+                  batch=cfg.fp_batch or None, eps=cfg.eps, estimator=cfg.fp_estimator,
+                  normalize=cfg.fp_normalize, scalar=cfg.fp_scalar)
 
 
 def _image_batches(cfg: TrainConfig, data_config, per_rank: int, rank: int,
