@@ -6,7 +6,8 @@ adds a whole-network rule with `register_rule`.
 """
 
 from fpkern.jet.rules import composite_rules, kernels_enabled, register_rule
-from fpkern.jet.tensor import Jet, JetUnsupported, Layout
+from fpkern.jet import rules_attention  # noqa: F401,E402  (registers the attention rules)
+from fpkern.jet.tensor import Jet, JetUnsupported, Layout, locate
 
-__all__ = ["Jet", "JetUnsupported", "Layout", "composite_rules", "kernels_enabled",
+__all__ = ["Jet", "JetUnsupported", "Layout", "composite_rules", "kernels_enabled", "locate",
            "register_rule"]

@@ -8,8 +8,10 @@ Four kinds of rule cover the score networks of fpkern.models:
   - elementwise nonlinearities phi: value phi(x0), first order phi'(x0) x_i, second order
     phi'(x0) x_ab + phi''(x0) x_a x_b (collapsed: phi''(x0) mean_k x_k^2);
   - bilinear products p * q, einsum, matmul of two Jets: the Leibniz rule up to order 2.
-Composite layers (GroupNorm, softmax, var_mean, division) are expanded into those.
-Anything else raises JetUnsupported naming the function, never a wrong answer.
+Composite layers (GroupNorm, LayerNorm, RMSNorm, softmax, var_mean, division) are
+expanded into those; attention (scaled_dot_product_attention, baddbmm) is composed the same
+way in fpkern.jet.rules_attention, which fills the same registry. Anything else raises
+JetUnsupported naming the function (fpkern.jet.tensor), never a wrong answer.
 
 Activations and GroupNorm run as fused ops (fpkern.jet.fused) where a kernel backend runs
 them. A whole network may bring a rule of its own: the layer that defines it registers it
@@ -92,8 +94,8 @@ def dispatch(func, args, kwargs):
     name = getattr(func, "__name__", repr(func))
     if name == "__get__" or func in _VALUE_ONLY:
         return _value_only(func, args, kwargs)
-    raise JetUnsupported(f"no jet rule for {name} ({func!r}); the fused path cannot run this "
-                         "score network and falls back to the generic one")
+    raise JetUnsupported(f"no jet rule ({func!r}); the fused path cannot run this score "
+                         "network and falls back to the generic one", function=name)
 
 
 # ---- fused kernels on or off ----------------------------------------------------------
@@ -211,10 +213,42 @@ def _getitem(func, args, kwargs):
 
 _register(["permute", "transpose", "flatten", "unflatten", "unsqueeze",
            "squeeze", "contiguous", "clone", "expand", "expand_as", "repeat",
-           "narrow", "flip", "roll", "chunk", "split", "unbind", "movedim",
-           "swapaxes", "t", "diagonal", "trace", "cumsum",
-           "pixel_shuffle", "pixel_unshuffle", "tile", "squeeze_", "type", "avg_pool2d",
-           "interpolate", "upsample", "adaptive_avg_pool2d", "real"])(_linear)
+           "narrow", "flip", "roll", "movedim", "swapaxes", "t", "diagonal", "trace", "cumsum",
+           "tile", "squeeze_", "type", "real", "repeat_interleave"])(_linear)
+
+
+@_register(["chunk", "split", "tensor_split", "unbind"], modules=(torch, torch.Tensor))
+def _split(func, args, kwargs):
+    """Splitting along a per-sample dim: the same split of the row stack, one axis further
+    in (the adaptive norms' scale/shift chunks of a time embedding)."""
+    x = args[0]
+    name = func.__name__
+    at = 1 if name == "unbind" else 2                    # where dim sits positionally
+    dim = kwargs.get("dim", args[at] if len(args) > at else 0)
+    if not isinstance(x, Jet) or not isinstance(dim, int) or set(kwargs) - {"dim"}:
+        return _linear(func, args, kwargs)
+    d = _shifted_dims(dim)
+    parts = func(x.rows, *args[1:at], dim=d)
+    return tuple(_wrap(p, x.layout) for p in parts)
+
+
+# Per-sample layers on batched input [B, C, ...], linear in it for fixed options: every
+# interpolation mode (nearest, nearest-exact, (bi/tri)linear, bicubic, area, antialiased)
+# and every average pooling. The rows fold into the batch: one call over all rows.
+_PER_SAMPLE = {"interpolate": 3, "upsample": 3, "upsample_nearest": 3, "upsample_bilinear": 3,
+               "avg_pool1d": 3, "avg_pool2d": 4, "avg_pool3d": 5, "adaptive_avg_pool1d": 3,
+               "adaptive_avg_pool2d": 4, "adaptive_avg_pool3d": 5, "pixel_shuffle": 4,
+               "pixel_unshuffle": 4}
+
+
+@_register(list(_PER_SAMPLE), modules=(torch, F))
+def _per_sample(func, args, kwargs):
+    x = args[0]
+    flat, _ = tree_flatten((args[1:], kwargs))
+    if (isinstance(x, Jet) and x.dim() == _PER_SAMPLE[func.__name__]
+            and not any(isinstance(a, Jet) for a in flat)):
+        return _wrap(_fold(func, x, *args[1:], **kwargs), x.layout)
+    return _linear(func, args, kwargs)
 
 
 @_register(["neg", "__neg__", "negative", "positive", "float", "double", "half", "bfloat16"],
@@ -511,9 +545,27 @@ def _softplus(x, beta=1.0, threshold=20.0, *a, **k):
     return F.softplus(x), s, s * (1 - s)
 
 
+_GELU_K, _GELU_C = math.sqrt(2 / math.pi), 0.044715
+
+
+def _gelu_tanh(x):
+    """gelu(x, approximate="tanh") = x/2 (1 + tanh u), u = k (x + c x^3), k = sqrt(2/pi):
+    y' = (1 + T)/2 + x/2 (1 - T^2) u', y'' = (1 - T^2) (u' + x/2 (u'' - 2 T u'^2))."""
+    u1 = _GELU_K * (1 + 3 * _GELU_C * x * x)
+    u2 = _GELU_K * 6 * _GELU_C * x
+    T = torch.tanh(_GELU_K * (x + _GELU_C * x * x * x))
+    sech2 = 1 - T * T
+    return (F.gelu(x, approximate="tanh"), 0.5 * (1 + T) + 0.5 * x * sech2 * u1,
+            sech2 * (u1 + 0.5 * x * (u2 - 2 * T * u1 * u1)))
+
+
 def _gelu(x, *a, **k):
-    if k.get("approximate", "none") != "none":
-        raise JetUnsupported("tanh-approximate gelu has no jet rule")
+    approximate = k.get("approximate", a[0] if a else "none")
+    if approximate == "tanh":
+        return _gelu_tanh(x)
+    if approximate != "none":
+        raise JetUnsupported(f"approximate must be 'none' or 'tanh', got {approximate!r}",
+                             function=f"gelu(approximate={approximate!r})")
     cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
     pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     return x * cdf, cdf + x * pdf, pdf * (2 - x * x)
@@ -709,6 +761,48 @@ def _var_mean(func, args, kwargs):
     return var, mean
 
 
+def _arg(args, kwargs, index, name, default=None):
+    return kwargs.get(name, args[index] if len(args) > index else default)
+
+
+def _affine(y, weight, bias):
+    """y * weight + bias, either of them a constant, a Jet or None."""
+    if weight is not None:
+        y = y * weight
+    return y if bias is None else y + bias
+
+
+@_register(["layer_norm"], modules=(torch, F))
+def _layer_norm(func, args, kwargs):
+    """LayerNorm over the trailing `normalized_shape` dims, composed from the rules above:
+    (x - mean) (var + eps)^(-1/2) (biased variance), then weight and bias, which may be
+    Jets too (adaptive norms pass theirs as products instead: DiT's norm(x) (1 + scale))."""
+    x, shape = args[0], _arg(args, kwargs, 1, "normalized_shape")
+    weight, bias = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    eps = _arg(args, kwargs, 4, "eps", 1e-5)
+    if not isinstance(x, Jet):                # a constant input, a Jet weight or bias
+        return _affine(F.layer_norm(x, shape, eps=eps), weight, bias)
+    n = 1 if isinstance(shape, int) else len(shape)
+    dims = tuple(range(-n, 0))
+    c = x - x.mean(dim=dims, keepdim=True)
+    y = c * torch.rsqrt((c * c).mean(dim=dims, keepdim=True) + eps)
+    return _affine(y, weight, bias)
+
+
+@_register(["rms_norm"], modules=(torch, F))
+def _rms_norm(func, args, kwargs):
+    """RMSNorm: x (mean x^2 + eps)^(-1/2) over the trailing `normalized_shape` dims, eps
+    defaulting to the dtype's machine epsilon as in torch, times weight."""
+    x, shape = args[0], _arg(args, kwargs, 1, "normalized_shape")
+    weight, eps = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "eps")
+    if not isinstance(x, Jet):
+        return _affine(F.rms_norm(x, shape, eps=eps), weight, None)
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    n = 1 if isinstance(shape, int) else len(shape)
+    y = x * torch.rsqrt((x * x).mean(dim=tuple(range(-n, 0)), keepdim=True) + eps)
+    return _affine(y, weight, None)
+
+
 @_register(["group_norm"])
 def _group_norm(func, args, kwargs):
     x = args[0]
@@ -745,15 +839,25 @@ def _group_norm(func, args, kwargs):
 
 @_register(["softmax"])
 def _softmax(func, args, kwargs):
-    """y = softmax(x): y_i = y (x_i - <y, x_i>), and to second order
-    y_ab = y (x_ab - <y, x_ab>) + y_b (x_a - <y, x_a>) - y <y_b, x_a>."""
     x = args[0]
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
     if dim is None:
-        raise JetUnsupported("softmax without dim has no jet rule")
-    L, X = x.layout, x.rows
+        raise JetUnsupported("softmax without dim has no jet rule", function="softmax")
+    dtype = kwargs.get("dtype")            # F.softmax's third positional is _stacklevel
+    if dtype is None and len(args) > 2 and isinstance(args[-1], torch.dtype):
+        dtype = args[-1]
+    rows = x.rows if dtype is None else x.rows.to(dtype)
+    return _wrap(softmax_rows(rows, x.layout, dim), x.layout)
+
+
+def softmax_rows(X: torch.Tensor, L: Layout, dim: int, y: torch.Tensor | None = None):
+    """Rows of y = softmax(x) along per-sample `dim` from the rows X of x:
+    y_i = y (x_i - <y, x_i>), and to second order
+    y_ab = y (x_ab - <y, x_ab>) + y_b (x_a - <y, x_a>) - y <y_b, x_a>.
+    `y`: the value row when the caller computes it (attention: fully masked rows are 0)."""
     d = dim if dim < 0 else dim + 1                      # the same axis in the row stack
-    y = torch.softmax(X[0], dim=dim)
+    if y is None:
+        y = torch.softmax(X[0], dim=dim)
 
     def centred(r):                                      # r - <y, r> along dim
         return r - (y * r).sum(dim=d if r.dim() == X.dim() else dim, keepdim=True)
@@ -770,4 +874,5 @@ def _softmax(func, args, kwargs):
         if L.collapse:
             corr.append(torch.stack([cross(k, k) for k in L.collapse]).mean(0))
         out.append(second + torch.stack(corr))
-    return _wrap(torch.cat(out), L)
+    return torch.cat(out)
+

@@ -24,11 +24,55 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Layout", "Jet", "JetUnsupported"]
+__all__ = ["Layout", "Jet", "JetUnsupported", "locate"]
 
 
 class JetUnsupported(NotImplementedError):
-    """A torch function without a jet rule was called on a Jet."""
+    """A torch function without a jet rule was called on a Jet.
+
+    `function` names the call, with the arguments that made it unsupported where a rule
+    refuses some ("scaled_dot_product_attention(dropout_p=0.1)"); `module` is the nn.Module
+    that called it, as its path in the outermost module running ("down_blocks.1.attentions.0
+    (Attention)"), once a jet pass has located it (`locate`). The message starts with both.
+    """
+
+    def __init__(self, reason: str, function: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.function = function
+        self.module: str | None = None
+
+    def __str__(self) -> str:
+        head = ": ".join(p for p in (self.module, self.function) if p)
+        return f"{head}: {self.reason}" if head else self.reason
+
+
+def _modules_on(tb) -> list[torch.nn.Module]:
+    """The nn.Modules whose call is on traceback `tb`, outermost first."""
+    found: list[torch.nn.Module] = []
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name in ("_call_impl", "forward"):
+            m = frame.f_locals.get("self")
+            if isinstance(m, torch.nn.Module) and not any(m is f for f in found):
+                found.append(m)
+        tb = tb.tb_next
+    return found
+
+
+def locate(exc: JetUnsupported) -> JetUnsupported:
+    """Set exc.module from the traceback of a raised JetUnsupported: the innermost module
+    running when the unsupported function was called, named by its path in the outermost
+    one (its class name alone when it is the outermost or not a submodule of it). Costs
+    nothing until a rule is missing: it reads the frames, no hooks."""
+    if exc.module is not None:
+        return exc
+    modules = _modules_on(exc.__traceback__)
+    if modules:
+        inner = modules[-1]
+        path = next((n for n, m in modules[0].named_modules() if m is inner), "")
+        exc.module = f"{path} ({type(inner).__name__})" if path else type(inner).__name__
+    return exc
 
 
 @dataclass(frozen=True)

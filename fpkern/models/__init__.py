@@ -1,10 +1,13 @@
 """Score networks faithful to Score SDE (NCSN++, DDPM++, DDPM), an MLP for vector data,
-the ScoreFn wrapper that owns every label/output convention, presets and checkpoints.
+the ScoreFn wrapper that owns every label/output convention, adapters for networks from
+elsewhere (fpkern.models.adapters), presets and checkpoints.
 
     net = from_preset("ve/cifar10_ncsnpp_continuous")        # raw net(x, labels)
     score = ScoreFn(net, sde_from_config(get_config(...)))    # score(x, t)
+    score = NoisePredictionScore(unet, VPSDE())               # a diffusers UNet2DModel
 """
 
+from fpkern.models.adapters import DenoiserScore, EnergyScore, NoisePredictionScore
 from fpkern.models.build import BuiltModel, build_model
 from fpkern.models.checkpoint import (CheckpointMismatchError, load_score_sde_checkpoint,
                                       save_score_sde_checkpoint)
@@ -19,4 +22,5 @@ __all__ = [
     "NCSNpp", "DDPMpp", "DDPM", "MLP", "ScoreFn", "MODELS", "PRESETS", "get_config",
     "from_preset", "from_score_sde_config", "sde_from_config", "load_score_sde_checkpoint",
     "save_score_sde_checkpoint", "CheckpointMismatchError", "build_model", "BuiltModel",
+    "NoisePredictionScore", "DenoiserScore", "EnergyScore",
 ]

@@ -8,8 +8,11 @@ trainable and has no shadow). fpkern's networks register parameters in Score SDE
 so the list maps onto them one to one. An ``ema`` entry that is itself a name-keyed
 state_dict is accepted too.
 
-Keys and shapes are checked before anything is loaded: a mismatch raises
-``CheckpointMismatchError`` listing the first differences.
+The ``model`` entry holds the networks' ``sigmas`` buffer too (``module.sigmas``, Score SDE's
+``get_sigmas(config)``, float64), which fpkern's networks carry in the same place. Keys and
+shapes are checked before anything is loaded, and ``sigmas`` against the configuration the
+network was built from: a mismatch raises ``CheckpointMismatchError`` listing the first
+differences.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from fpkern.models.ncsnpp import ScoreSDENetwork, sigmas_mismatch
 from fpkern.models.presets import from_score_sde_config
 
 __all__ = ["CheckpointMismatchError", "load_score_sde_checkpoint", "save_score_sde_checkpoint",
@@ -58,7 +62,8 @@ def _report(what: str, missing: list[str], unexpected: list[str],
 
 
 def check_state_dict(net: nn.Module, state: Mapping[str, Any], *, what: str = "checkpoint") -> None:
-    """Raise CheckpointMismatchError unless ``state`` has exactly ``net``'s keys and shapes."""
+    """Raise CheckpointMismatchError unless ``state`` has exactly ``net``'s keys and shapes
+    and, for a Score SDE network, the noise levels (``sigmas``) of its configuration."""
     if not isinstance(state, Mapping):
         raise CheckpointMismatchError(f"{what} must be a mapping of tensors, got {type(state).__name__}")
     expected = net.state_dict()
@@ -68,6 +73,8 @@ def check_state_dict(net: nn.Module, state: Mapping[str, Any], *, what: str = "c
               if k in state and _shape(state[k]) != tuple(v.shape)]
     if missing or unexpected or shapes:
         raise CheckpointMismatchError(_report(what, missing, unexpected, shapes))
+    if isinstance(net, ScoreSDENetwork) and (msg := sigmas_mismatch(net, state["sigmas"])):
+        raise CheckpointMismatchError(f"{what}: {msg}")
 
 
 def _trainable(net: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -130,7 +137,8 @@ def save_score_sde_checkpoint(path: str | os.PathLike, net: nn.Module, *,
                               ema_params: Sequence[torch.Tensor] | None = None,
                               ema_decay: float = 0.9999, num_updates: int = 0, step: int = 0,
                               optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write ``net`` in Score SDE's checkpoint layout (``module.`` keys, EMA shadow list).
+    """Write ``net`` in Score SDE's checkpoint layout (``module.`` keys, the ``sigmas``
+    buffer among them, EMA shadow list), which load_score_sde_checkpoint and Score SDE read.
 
     ``ema_params``: one tensor per trainable parameter, in ``parameters()`` order; by
     default a copy of the current weights.

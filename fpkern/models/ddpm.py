@@ -1,8 +1,9 @@
 """The original DDPM U-Net (Score SDE's ``ddpm`` model class).
 
 Used by Score SDE's ``vp/ddpm/*`` and ``subvp/cifar10_ddpm_continuous`` configurations
-(not by the "ddpmpp" ones, which use ``NCSNpp``). Same module list layout as Score SDE:
-two dense layers for the positional embedding, then the U-Net, all in ``all_modules``.
+(not by the "ddpmpp" ones, which use ``NCSNpp``). Same state_dict layout as Score SDE: the
+``sigmas`` buffer, then two dense layers for the positional embedding and the U-Net, all in
+``all_modules``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import torch
 import torch.nn as nn
 
 from fpkern.models import layers as L
-from fpkern.models.ncsnpp import check_choice, discrete_sigmas
+from fpkern.models.ncsnpp import ScoreSDENetwork, check_choice, discrete_sigmas
 
 __all__ = ["DDPM"]
 
 
-class DDPM(nn.Module):
+class DDPM(ScoreSDENetwork):
     """DDPM score network (Ho et al. 2020) as in Score SDE; labels are (fractional) time steps.
 
     ``conditional`` is accepted for config compatibility; as in Score SDE the network is
@@ -35,6 +36,7 @@ class DDPM(nn.Module):
                  centered: bool = True, sigma_min: float = 0.01, sigma_max: float = 50.0,
                  num_scales: int = 1000):
         super().__init__()
+        self._register_sigmas(sigma_min, sigma_max, num_scales)
         check_choice("normalization", normalization, ("groupnorm",))
         if image_size % (2 ** (len(ch_mult) - 1)) != 0:
             raise ValueError(f"image_size {image_size} must be divisible by 2^(len(ch_mult)-1)")
@@ -47,7 +49,6 @@ class DDPM(nn.Module):
         self.conditional = conditional
         self.centered = centered
         self.scale_by_sigma = scale_by_sigma
-        self.sigma_min, self.sigma_max, self.num_scales = sigma_min, sigma_max, num_scales
         self.input_shape = (num_channels, image_size, image_size)
 
         def resblock(in_ch, out_ch=None):

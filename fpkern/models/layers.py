@@ -170,11 +170,11 @@ class Combine(nn.Module):
         super().__init__()
         if method not in self.METHODS:
             raise ValueError(f"unknown progressive_combine {method!r}; valid names: {list(self.METHODS)}")
-        self.Conv = conv1x1(dim1, dim2)
+        self.Conv_0 = conv1x1(dim1, dim2)       # layerspp.Combine's name
         self.method = method
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.Conv(x)
+        h = self.Conv_0(x)
         return torch.cat([h, y], dim=1) if self.method == "cat" else h + y
 
 

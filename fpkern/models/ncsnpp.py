@@ -5,11 +5,12 @@ model; DDPM++ is NCSN++ configured with ``fir=False``, ``progressive_input='none
 positional embeddings and centred data (``DDPMpp`` below only changes the defaults).
 
 The network is a U-Net whose modules sit in one ``nn.ModuleList`` ``all_modules`` in
-Score SDE's order, so ``state_dict`` keys (``all_modules.N.…``) and the order of
-``parameters()`` are Score SDE's. ``forward(x, labels)`` takes Score SDE's labels: the
-noise level sigma for the Fourier embedding (its log is embedded), the (possibly
-fractional) time step for the positional one. Conventions that turn the output into a
-score live in ``fpkern.models.ScoreFn``.
+Score SDE's order (the parameterless pyramid resamplers of 'output_skip' and 'input_skip'
+beside it, as Score SDE keeps them), so ``state_dict`` keys (the ``sigmas`` buffer, then
+``all_modules.N.…``) and the order of ``parameters()`` are Score SDE's. ``forward(x,
+labels)`` takes Score SDE's labels: the noise level sigma for the Fourier embedding (its
+log is embedded), the (possibly fractional) time step for the positional one. Conventions
+that turn the output into a score live in ``fpkern.models.ScoreFn``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn as nn
 
 from fpkern.models import layers as L
 
-__all__ = ["NCSNpp", "DDPMpp", "check_choice"]
+__all__ = ["NCSNpp", "DDPMpp", "ScoreSDENetwork", "check_choice", "score_sde_sigmas"]
 
 
 def check_choice(name: str, value: str, valid: Sequence[str]) -> str:
@@ -41,7 +42,65 @@ def discrete_sigmas(labels: torch.Tensor, sigma_min: float, sigma_max: float,
     return torch.exp(math.log(sigma_max) + frac * (math.log(sigma_min) - math.log(sigma_max)))
 
 
-class NCSNpp(nn.Module):
+def score_sde_sigmas(sigma_min: float, sigma_max: float, num_scales: int) -> torch.Tensor:
+    """Score SDE's ``utils.get_sigmas(config)``: ``num_scales`` noise levels, geometric from
+    sigma_max down to sigma_min, in float64 (its networks register
+    ``torch.tensor(np.exp(np.linspace(...)))``, and a NumPy float64 array stays float64).
+    The grid is NumPy's linspace (start + i * step, the last point exactly the stop), so the
+    levels agree with Score SDE's to the last bits of exp."""
+    n = int(num_scales)
+    start, stop = math.log(sigma_max), math.log(sigma_min)
+    grid = start + torch.arange(n, dtype=torch.float64) * ((stop - start) / max(n - 1, 1))
+    if n > 1:
+        grid[-1] = stop
+    return torch.exp(grid)
+
+
+def sigmas_mismatch(net: nn.Module, sigmas) -> str | None:
+    """Why a state_dict's ``sigmas`` cannot be this network's (None when it can): another
+    number of noise levels, or levels more than float32 rounding away from the network's
+    configuration (sigma_min, sigma_max, num_scales)."""
+    if not isinstance(sigmas, torch.Tensor):
+        return None          # absent: load_state_dict reports the missing key itself
+    own = net.sigmas
+    what = (f"this network's configuration has num_scales={net.num_scales}, "
+            f"sigma_max={net.sigma_max}, sigma_min={net.sigma_min}")
+    if sigmas.shape != own.shape:
+        return (f"sigmas has shape {tuple(sigmas.shape)} in the checkpoint but "
+                f"{tuple(own.shape)} in the network: {what}; build the network from the "
+                f"checkpoint's config")
+    if "meta" in (sigmas.device.type, own.device.type) or sigmas.numel() == 0:
+        return None
+    got = sigmas.detach().to("cpu", torch.float64)
+    if torch.allclose(got, own.detach().to("cpu", torch.float64), rtol=1e-6, atol=0):
+        return None
+    return (f"sigmas of the checkpoint run from {got[0].item():.6g} down to "
+            f"{got[-1].item():.6g}, which does not match: {what}; build the network from the "
+            f"checkpoint's config")
+
+
+class ScoreSDENetwork(nn.Module):
+    """What Score SDE's ``NCSNpp`` and ``DDPM`` share: the ``sigmas`` buffer
+    (``register_buffer('sigmas', torch.tensor(utils.get_sigmas(config)))``), the first
+    entry of their state_dict, and its check against the configuration when a state_dict
+    is loaded (``sigmas_mismatch``: a checkpoint trained with other noise levels is refused).
+    The forward pass computes the noise level of a label in closed form
+    (``discrete_sigmas``), equal to the buffer's entry."""
+
+    def _register_sigmas(self, sigma_min: float, sigma_max: float, num_scales: int) -> None:
+        self.sigma_min, self.sigma_max, self.num_scales = sigma_min, sigma_max, num_scales
+        self.register_buffer("sigmas", score_sde_sigmas(sigma_min, sigma_max, num_scales))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        msg = sigmas_mismatch(self, state_dict.get(prefix + "sigmas"))
+        if msg is not None:
+            error_msgs.append(msg)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class NCSNpp(ScoreSDENetwork):
     """NCSN++ score network with every option of Score SDE's configurations.
 
     Options carry Score SDE's names (``config.model.*`` and ``config.data.*``); the
@@ -71,6 +130,7 @@ class NCSNpp(nn.Module):
                  sigma_min: float = 0.01, sigma_max: float = 50.0, num_scales: int = 1000,
                  continuous: bool = True):
         super().__init__()
+        self._register_sigmas(sigma_min, sigma_max, num_scales)
         resblock_type = check_choice("resblock_type", resblock_type, self.RESBLOCK_TYPES)
         progressive = check_choice("progressive", progressive, self.PROGRESSIVE)
         progressive_input = check_choice("progressive_input", progressive_input,
@@ -100,7 +160,6 @@ class NCSNpp(nn.Module):
         self.embedding_type = embedding_type
         self.scale_by_sigma = scale_by_sigma
         self.centered = centered
-        self.sigma_min, self.sigma_max, self.num_scales = sigma_min, sigma_max, num_scales
         self.input_shape = (num_channels, image_size, image_size)
 
         def combiner(dim1, dim2):
@@ -115,7 +174,12 @@ class NCSNpp(nn.Module):
         def downsample(in_ch, out_ch=None, with_conv=resamp_with_conv):
             return L.Downsample(in_ch, out_ch, with_conv=with_conv, fir=fir, fir_kernel=fir_kernel)
 
-        pyramid_conv = {"output_skip": False, "residual": True}
+        # The parameterless pyramid resamplers are attributes, not entries of all_modules,
+        # as in Score SDE (its checkpoints number all_modules without them).
+        if progressive == "output_skip":
+            self.pyramid_upsample = upsample(num_channels, with_conv=False)
+        if progressive_input == "input_skip":
+            self.pyramid_downsample = downsample(num_channels, with_conv=False)
 
         def resblock(in_ch, out_ch=None, up=False, down=False):
             if resblock_type == "ddpm":
@@ -154,7 +218,6 @@ class NCSNpp(nn.Module):
                 modules.append(downsample(in_ch) if resblock_type == "ddpm"
                                else resblock(in_ch, down=True))
                 if progressive_input == "input_skip":
-                    modules.append(downsample(input_pyramid_ch, with_conv=False))
                     modules.append(combiner(input_pyramid_ch, in_ch))
                     if combine_method == "cat":
                         in_ch *= 2
@@ -187,12 +250,11 @@ class NCSNpp(nn.Module):
                         modules.append(L.conv3x3(in_ch, in_ch))
                         pyramid_ch = in_ch
                 elif progressive == "output_skip":
-                    modules.append(upsample(pyramid_ch, with_conv=pyramid_conv[progressive]))
                     modules.append(L.group_norm(in_ch))
                     modules.append(L.conv3x3(in_ch, channels, init_scale=init_scale))
                     pyramid_ch = channels
                 else:
-                    modules.append(upsample(pyramid_ch, in_ch, with_conv=pyramid_conv[progressive]))
+                    modules.append(upsample(pyramid_ch, in_ch, with_conv=True))
                     pyramid_ch = in_ch
             if i_level != 0:
                 modules.append(upsample(in_ch) if resblock_type == "ddpm"
@@ -237,7 +299,7 @@ class NCSNpp(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = next(mods)(hs[-1]) if self.resblock_type == "ddpm" else next(mods)(hs[-1], temb)
                 if self.progressive_input == "input_skip":
-                    input_pyramid = next(mods)(input_pyramid)
+                    input_pyramid = self.pyramid_downsample(input_pyramid)
                     h = next(mods)(input_pyramid, h)
                 elif self.progressive_input == "residual":
                     input_pyramid = self._skip(next(mods)(input_pyramid), h)
@@ -261,7 +323,7 @@ class NCSNpp(nn.Module):
                     pyramid = self.act(next(mods)(h))
                     pyramid = next(mods)(pyramid)
                 elif self.progressive == "output_skip":
-                    pyramid = next(mods)(pyramid)
+                    pyramid = self.pyramid_upsample(pyramid)
                     pyramid_h = self.act(next(mods)(h))
                     pyramid = pyramid + next(mods)(pyramid_h)
                 else:

@@ -5,15 +5,16 @@ tangent and the collapsed second order; t carries t, the t-components of the fir
 rows, and 0 elsewhere. One pass returns s, J v_k, d_t s and 1/K sum_k D^2_{v_k} s, every
 linear layer running once over all rows (docs/MATH.md sections 2-3, no time stencil).
 
-A score_fn that uses a torch function without a jet rule raises JetUnsupported; callers
-then use the generic torch.func path (fpkern.ops.forward_mode).
+A score_fn that uses a torch function without a jet rule raises JetUnsupported, located
+at the module that called it (fpkern.jet.locate); callers then use the generic torch.func
+path (fpkern.ops.forward_mode), or raise it under strict=True.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fpkern.jet import Jet, Layout
+from fpkern.jet import Jet, JetUnsupported, Layout, locate
 
 __all__ = ["Layout", "jet_pass", "laplacian_rows", "transport_rows", "jvp_row"]
 
@@ -32,7 +33,10 @@ def jet_pass(score_fn, x: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor,
     t_first = list(t_tangents) if t_tangents is not None else [zero] * n_x
     t_rows = [t] + t_first + ([one] if time else [])
     t_rows = torch.stack(t_rows + [zero] * (layout.rows - len(t_rows)))
-    out = score_fn(Jet(x_rows, layout), Jet(t_rows, layout))
+    try:
+        out = score_fn(Jet(x_rows, layout), Jet(t_rows, layout))
+    except JetUnsupported as exc:
+        raise locate(exc)
     if not isinstance(out, Jet):
         raise TypeError("score_fn returned a plain tensor for Jet inputs: its output does not "
                         "depend on x and t through torch functions")

@@ -21,14 +21,28 @@ a batch needs at least one sample. float16 is refused and a float16 autocast swi
 (its range is too small for the score's derivatives); method "naive" needs float32 or
 float64 (docs/MATH.md 5 and 8). Where the score is not finite at t = 0 (VP and sub-VP
 networks, sigma(0) = 0), every method raises a ValueError saying so (fpkern.ops._common).
+
+A training step (DSM + the FP term at the DSM's points) costs what FPLoss.with_dsm costs
+when the DSM term takes its score from the FP pass, in both forms:
+
+    t, xt, z, std = dsm.perturb(x)
+    terms = fpe_terms(score_fn, xt, t, sde, form=form, weight=w)   # one pass; terms.score
+    d = dsm.from_score(terms.score, t, xt, z, std)
+
+The div form computes s in its own pass (a DSM forward of its own would be a second
+forward and backward of the network); the laplacian form needs s first for its transport
+direction and runs one plain forward for it, or none when given `score` (the DSM forward's,
+if the caller ran it first).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import NamedTuple
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fpkern._checks import check_choice
 from fpkern.jet import JetUnsupported, Layout
@@ -47,10 +61,13 @@ log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
 
-def _with_jets(jet_fn, generic_fn, score_fn):
+def _with_jets(jet_fn, generic_fn, score_fn, strict: bool = False):
     """Run the Taylor-mode jet path; fall back to the generic torch.func path when the
     score function uses an op without a jet rule (logged once per kind of score_fn; score_fn
-    is the CheckedScore the op calls)."""
+    is the CheckedScore the op calls), or with `strict` raise that JetUnsupported, which
+    names the function and the module calling it (fpkern.jet.JetUnsupported)."""
+    if strict:
+        return jet_fn()
     try:
         return jet_fn()
     except JetUnsupported as exc:
@@ -58,18 +75,23 @@ def _with_jets(jet_fn, generic_fn, score_fn):
         if key not in _warned:
             _warned.add(key)
             log.warning("fused: %s; using the generic torch.func path (slower)", exc)
-        return generic_fn()
+        with forward_mode.autodiff_backends():
+            return generic_fn()
 
 
 FORMS = ("div", "laplacian")
 
 
 def _exact(score_fn, x, t, sde, form, probes, score=None):
-    return reverse_mode(lambda: exact.residual(score_fn, x, t, sde, form))
+    with forward_mode.autodiff_backends():      # forward mode: math attention, norms that work
+        return reverse_mode(lambda: exact.residual(score_fn, x, t, sde, form))
 
 
 def _naive(score_fn, x, t, sde, form, probes, score=None):
-    return reverse_mode(lambda: naive.residual(score_fn, x, t, sde, form, probes))
+    # reverse mode twice: only attention needs another backend (CPU flash attention has no
+    # double backward); the norms' reverse-mode derivatives are right as they are
+    with sdpa_kernel(SDPBackend.MATH):
+        return reverse_mode(lambda: naive.residual(score_fn, x, t, sde, form, probes))
 
 
 def _fused_residual(score_fn, x, t, sde, form, V, score, differentiable):
@@ -79,34 +101,57 @@ def _fused_residual(score_fn, x, t, sde, form, V, score, differentiable):
     return fused_div.residual(score_fn, x, t, sde, V, differentiable=differentiable)
 
 
-def _fused(score_fn, x, t, sde, form, probes, score=None):
+def _fused(score_fn, x, t, sde, form, probes, score=None, strict=False):
     grad = torch.is_grad_enabled()
     with torch.enable_grad():
         r = _with_jets(lambda: _fused_residual(score_fn, x, t, sde, form, probes, score, grad),
                        lambda: forward_mode.residual(score_fn, x, t, sde, form, probes),
-                       score_fn)
+                       score_fn, strict)
     return r if grad else r.detach()
 
 
 METHODS = {"exact": _exact, "naive": _naive, "fused": _fused}
+_UNUSED_SCORE = "fpe_residual(score=...) in the fused div form"
+
+
+def _note_unused_score(form: str, method: str) -> None:
+    """Log once that the fused div form does not use a given score: its own pass computes
+    s, so a DSM term on a forward of its own costs a second forward and backward that
+    fpe_terms(...).score would save (module docstring)."""
+    if form == "div" and method == "fused" and _UNUSED_SCORE not in _warned:
+        _warned.add(_UNUSED_SCORE)
+        log.warning("fpe_residual: the div form computes the score in its own pass and does "
+                    "not use score=; for a training step take the DSM term's score from "
+                    "fpe_terms(score_fn, x, t, sde, form='div').score and run no forward of "
+                    "its own (the step then costs what FPLoss.with_dsm costs)")
 
 
 @outside_inference_mode
 def fpe_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str = "div",
                  method: str = "exact", probes=1, probe_dist: str = "rademacher",
                  generator: torch.Generator | None = None,
-                 score: torch.Tensor | None = None) -> torch.Tensor:
+                 score: torch.Tensor | None = None, strict: bool = False) -> torch.Tensor:
     """Score-FPE residual of score_fn at (x, t) under `sde`, with x's shape (docs/MATH.md 2).
 
     `score`: score_fn(x, t) if the caller already computed it (the DSM forward at the same
-    points); the fused laplacian form then runs one jet pass instead of two. Other methods
-    and forms recompute it.
+    points); the fused laplacian form then runs one jet pass instead of two. The fused div
+    form computes s in its own pass and does not use it (logged once): a training step
+    takes its DSM term from fpe_terms(...).score instead, with no forward of its own (the
+    module docstring). Methods "exact" and "naive" recompute it.
+
+    `strict` (method "fused" only): raise JetUnsupported where the network calls a torch
+    function without a jet rule, naming it and the module calling it, instead of falling
+    back to the generic torch.func path; a check that a network gets the fast path.
 
     float16 inputs are refused (use bfloat16 or float32), and bfloat16 ones for method
     "naive"; the module docstring has the score checks, the grad modes and t = 0.
     """
     check_choice("form", form, FORMS)
     check_choice("method", method, METHODS)
+    if strict and method != "fused":
+        raise ValueError(f"strict=True checks the jet rules of method 'fused'; got method "
+                         f"{method!r}")
+    run = functools.partial(_fused, strict=True) if strict else METHODS[method]
     sf = prepare(score_fn, x, t, sde, method)
     if method == "exact":
         resolve_probes(probes, x, probe_dist)     # validated like the others, then ignored
@@ -115,8 +160,9 @@ def fpe_residual(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str =
         V = resolve_probes(probes, x, probe_dist, generator)
     if score is not None:
         check_score(score, x, "score")
+        _note_unused_score(form, method)
     with precision_scope(x, method):
-        r = METHODS[method](sf, x, t, sde, form, V, score)
+        r = run(sf, x, t, sde, form, V, score)
     sf.check_defined(x, t, r)
     return r
 
@@ -145,7 +191,8 @@ def _directions(directions, x, generator):
 def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str = "div",
               weight: torch.Tensor | None = None, m: float = 2.0, probes=1,
               probe_dist: str = "rademacher", generator: torch.Generator | None = None,
-              score: torch.Tensor | None = None, directions=None) -> FPETerms:
+              score: torch.Tensor | None = None, directions=None,
+              strict: bool = False) -> FPETerms:
     """The residual of `form`, the Hutchinson divergence, the weighted loss weight |r|^m, the
     scalar FPE term and the score itself, all from one forward-mode pass of the network
     (docs/MATH.md 2-4; method "fused": exact directional derivatives along the probes).
@@ -153,7 +200,8 @@ def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str = "d
     - form "laplacian": one jet pass with rows x, v_1..v_K, (-c, 1) and the collapsed second
       order, then one fused kernel (fpkern.ops.laplacian_terms). The direction c = g^2 s - f x needs
       s first: pass `score` = score_fn(x, t) if the caller has it (the DSM forward's),
-      otherwise it costs one plain forward.
+      otherwise it costs one plain forward; either way the returned s (the pass's value
+      row) can serve the DSM term, at no further cost.
     - form "div": the residual's jet pass (fpkern.ops.fused_div); its value and probe rows
       give s and the divergence, so `score` is not needed (and not used). The returned s
       carries the gradient of everything computed from it, so a training step can take its
@@ -164,7 +212,8 @@ def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str = "d
       (projected_residual).
 
     `weight` [B] multiplies the per-sample loss (default 1). A score_fn without jet rules
-    runs the generic torch.func path.
+    runs the generic torch.func path, or with `strict` raises JetUnsupported naming the
+    function and module (as fpe_residual).
     """
     check_choice("form", form, FORMS)
     sf = prepare(score_fn, x, t, sde)
@@ -181,15 +230,15 @@ def fpe_terms(score_fn, x: torch.Tensor, t: torch.Tensor, sde, *, form: str = "d
                          f"form {form!r}, m {m}")
     with precision_scope(x):
         if form == "laplacian":
-            out = _laplacian_terms(sf, x, t, sde, V, weight, m, score)
+            out = _laplacian_terms(sf, x, t, sde, V, weight, m, score, strict)
         else:
             U = None if directions is None else _directions(directions, x, generator)
-            out = _div_terms(sf, x, t, sde, V, U, weight, m)
+            out = _div_terms(sf, x, t, sde, V, U, weight, m, strict)
     sf.check_defined(x, t, out.residual)
     return out
 
 
-def _div_terms(score_fn, x, t, sde, V, U, weight, m) -> FPETerms:
+def _div_terms(score_fn, x, t, sde, V, U, weight, m, strict=False) -> FPETerms:
     f, g2 = sde_coefficients(sde, t, x)
     grad = torch.is_grad_enabled()
 
@@ -205,14 +254,14 @@ def _div_terms(score_fn, x, t, sde, V, U, weight, m) -> FPETerms:
         return u_r, s, div
 
     with torch.enable_grad():
-        r, s, div = _with_jets(jets, generic, score_fn)
+        r, s, div = _with_jets(jets, generic, score_fn, strict)
         sq = r.pow(2) if U is not None else r.flatten(1).pow(2).sum(1)
         loss = weight * (sq if m == 2 else sq.pow(m / 2))
         out = FPETerms(r, div, loss, scalar_fpe_rhs(x, s, div, f, g2), s)
     return out if grad else FPETerms(*(v.detach() for v in out))
 
 
-def _laplacian_terms(score_fn, x, t, sde, V, weight, m, score):
+def _laplacian_terms(score_fn, x, t, sde, V, weight, m, score, strict=False):
     def generic():
         from torch.func import jvp
         f, g2 = sde_coefficients(sde, t, x)
@@ -226,7 +275,7 @@ def _laplacian_terms(score_fn, x, t, sde, V, weight, m, score):
         s = score if score is not None else score_fn(x, t)
         return FPETerms(*_with_jets(
             lambda: fused_laplacian.terms(score_fn, x, t, sde, V, s, weight, m), generic,
-            score_fn))
+            score_fn, strict))
 
     return reverse_mode(run)
 

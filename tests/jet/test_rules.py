@@ -154,3 +154,27 @@ def test_composite_rules_switch_the_fused_kernels_off(gen, monkeypatch):
         plain = _jet_rows(fn, x, V, layout)
     assert len(calls) == 2 and kernels_enabled()
     assert torch.allclose(fused, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_locate_names_the_module_that_called_the_unsupported_function(gen):
+    """fpkern.jet.locate reads the module path from the raised JetUnsupported's traceback:
+    the innermost module, named within the outermost one; no path outside any module."""
+    from fpkern.jet import locate
+
+    def raised(fn):
+        try:
+            fn()
+        except JetUnsupported as exc:
+            return locate(exc)
+        raise AssertionError("no JetUnsupported")
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Tanh(),
+                                                                          torch.nn.Mish())).double()
+    x = Jet(torch.randn(2, 3, 4, generator=gen, dtype=F64), Layout(n1=1))
+    exc = raised(lambda: net(x))
+    assert (exc.module, exc.function) == ("1.1 (Mish)", "mish")
+    assert str(exc).startswith("1.1 (Mish): mish: no jet rule")
+    exc = raised(lambda: net[1][1](x))
+    assert exc.module == "Mish"                      # the outermost module itself: its class
+    exc = raised(lambda: torch.atan(x))
+    assert exc.module is None and str(exc).startswith("atan: no jet rule")

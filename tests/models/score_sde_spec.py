@@ -1,11 +1,20 @@
-"""Score SDE's state_dict layout (key, shape, trainable), enumerated without building a network.
+"""Score SDE's state_dict layout (key, shape, kind), enumerated without building a network.
 
 Written from a reading of Score SDE's PyTorch sources (models/ncsnpp.py, ddpm.py,
-layers.py, layerspp.py, up_or_down_sampling.py): each ``_…`` function below lists the
-parameters one Score SDE module registers, in its attribute-assignment order (which is
+layers.py, layerspp.py, up_or_down_sampling.py, utils.py): each ``_…`` function below lists
+the parameters one Score SDE module registers, in its attribute-assignment order (which is
 the order of ``state_dict()`` and of ``parameters()``, hence of the EMA
 ``shadow_params``), and ``ncsnpp_spec`` / ``ddpm_spec`` replay the order in which
-``NCSNpp.__init__`` / ``DDPM.__init__`` append modules to ``all_modules``. It is plain
+``NCSNpp.__init__`` / ``DDPM.__init__`` append modules to ``all_modules`` (the
+parameterless pyramid resamplers of 'output_skip' and 'input_skip' are attributes of
+NCSNpp, ``self.pyramid_upsample`` / ``self.pyramid_downsample``, not entries). kind is
+"trainable", "frozen" (a parameter with requires_grad=False: the Fourier ``W``) or "buffer".
+Both classes begin with ``self.register_buffer('sigmas',
+torch.tensor(utils.get_sigmas(config)))``: get_sigmas is ``np.exp(np.linspace(log
+sigma_max, log sigma_min, num_scales))``, a float64 array, so the buffer is float64 of
+shape [num_scales], and as a buffer of the top module it precedes every key of
+``all_modules`` in ``state_dict()`` (a module saves its own parameters and buffers before
+its children's). It is plain
 arithmetic on channel counts and uses nothing from fpkern.models, so it is an independent
 reference for fpkern's networks. The fixture ``data/score_sde_keys.json`` is its output
 for the two CIFAR-10 presets the issue names (``data/make_score_sde_keys.py``), and its
@@ -14,11 +23,18 @@ totals are checked against the published counts (62,758,915 and 61,804,419).
 
 from __future__ import annotations
 
-Spec = list[tuple[str, tuple[int, ...], bool]]
+Spec = list[tuple[str, tuple[int, ...], str]]
+
+#: dtypes of the buffers (everything else is a float32 parameter)
+BUFFER_DTYPES = {"sigmas": "float64"}
 
 
 def _p(name, *shape, trainable=True):
-    return [(name, tuple(shape), trainable)]
+    return [(name, tuple(shape), "trainable" if trainable else "frozen")]
+
+
+def _sigmas(m):
+    return [("sigmas", (m["num_scales"],), "buffer")]
 
 
 def _linear(i, o):
@@ -109,9 +125,8 @@ def ncsnpp_spec(m: dict, data: dict) -> Spec:
             hs.append(ch)
         if lvl != len(ch_mult) - 1:
             mods.append(_resample(ch, ch, conv, fir) if ddpm_type else block(ch, ch, True))
-            if prog_in == "input_skip":
-                mods.append([])                                   # FIR/avg downsample, no conv
-                mods.append(_sub("Conv", _conv(pyr, ch, 1)))      # Combine
+            if prog_in == "input_skip":                         # self.pyramid_downsample
+                mods.append(_sub("Conv_0", _conv(pyr, ch, 1)))    # Combine
                 if comb == "cat":
                     ch *= 2
             elif prog_in == "residual":
@@ -132,8 +147,8 @@ def ncsnpp_spec(m: dict, data: dict) -> Spec:
                 mods.append(_gn(ch))
                 mods.append(_conv(ch, C if prog == "output_skip" else ch, 3))
                 pch = C if prog == "output_skip" else ch
-            elif prog == "output_skip":
-                mods += [[], _gn(ch), _conv(ch, C, 3)]
+            elif prog == "output_skip":                         # self.pyramid_upsample
+                mods += [_gn(ch), _conv(ch, C, 3)]
                 pch = C
             else:
                 mods.append(_resample(pch, ch, True, fir))
@@ -142,7 +157,8 @@ def ncsnpp_spec(m: dict, data: dict) -> Spec:
             mods.append(_resample(ch, ch, conv, fir) if ddpm_type else block(ch, ch, True))
     if prog != "output_skip":
         mods += [_gn(ch), _conv(ch, C, 3)]
-    return [(f"all_modules.{i}.{n}", s, t) for i, spec in enumerate(mods) for n, s, t in spec]
+    return _sigmas(m) + [(f"all_modules.{i}.{n}", s, t) for i, spec in enumerate(mods)
+                         for n, s, t in spec]
 
 
 def ddpm_spec(m: dict, data: dict) -> Spec:
@@ -171,7 +187,8 @@ def ddpm_spec(m: dict, data: dict) -> Spec:
         if lvl != 0:
             mods.append(_resample(ch, ch, conv, False))
     mods += [_gn(ch), _conv(ch, C, 3)]
-    return [(f"all_modules.{i}.{n}", s, t) for i, spec in enumerate(mods) for n, s, t in spec]
+    return _sigmas(m) + [(f"all_modules.{i}.{n}", s, t) for i, spec in enumerate(mods)
+                         for n, s, t in spec]
 
 
 def score_sde_spec(cfg: dict) -> Spec:

@@ -233,9 +233,9 @@ def test_fir_resample_modules():
 def test_combine():
     c = randomize_(L.Combine(3, 5, method="sum")).double()
     x, y = torch.randn(2, 3, 4, 4, dtype=f64), torch.randn(2, 5, 4, 4, dtype=f64)
-    torch.testing.assert_close(c(x, y), conv(x, c.Conv, padding=0) + y)
+    torch.testing.assert_close(c(x, y), conv(x, c.Conv_0, padding=0) + y)
     c.method = "cat"
-    torch.testing.assert_close(c(x, y), torch.cat([conv(x, c.Conv, padding=0), y], 1))
+    torch.testing.assert_close(c(x, y), torch.cat([conv(x, c.Conv_0, padding=0), y], 1))
     with pytest.raises(ValueError, match="valid names"):
         L.Combine(3, 5, method="mean")
 

@@ -29,6 +29,11 @@ def test_cifar10_presets_match_score_sde(name):
     assert fixture["num_parameters"] == PUBLISHED[name]        # the fixture itself is right
     assert layout(net) == [(k, tuple(s)) for k, s in fixture["keys"]]   # same keys, shapes, order
     assert [n for n, p in net.named_parameters() if not p.requires_grad] == fixture["frozen"]
+    assert fixture["buffers"] == [["sigmas", "float64"]]                 # buffers included
+    sd = net.state_dict()
+    dtypes = [[k, str(sd[k].dtype).removeprefix("torch.")] for k, _ in fixture["buffers"]]
+    assert dtypes == fixture["buffers"]
+    assert [n for n, _ in net.named_buffers() if n in sd] == [k for k, _ in fixture["buffers"]]
 
 
 def test_fixture_is_reproducible_from_spec():
@@ -49,7 +54,10 @@ def test_well_known_keys():
     # level 0 is 32x32 (no attention), so module 5 is the second ResNet block
     assert "all_modules.5.GroupNorm_0.weight" in sd and "all_modules.5.NIN_0.W" not in sd
     assert any(k.endswith("Conv2d_0.weight") for k in sd)                 # FIR pyramid conv
-    assert not any("fir_kernel" in k or "sigmas" in k for k in sd)
+    assert not any("fir_kernel" in k for k in sd)                        # non-persistent
+    # Score SDE's register_buffer('sigmas', ...): the first key, [num_scales], float64
+    assert next(iter(sd)) == "sigmas" and sd["sigmas"].shape == (1000,)
+    assert sd["sigmas"].dtype == torch.float64
     with torch.device("meta"):
         sd = from_preset("vp/cifar10_ddpmpp_continuous").state_dict()
     assert sd["all_modules.0.weight"].shape == (512, 128)                 # positional: nf -> 4nf
@@ -209,3 +217,27 @@ def test_dropout_only_in_training_mode():
     torch.testing.assert_close(net(x, lab), net(x, lab))
     net.train()
     assert not torch.allclose(net(x, lab), net(x, lab))
+
+
+def test_input_and_output_skip_pyramids_as_score_sde_master_lays_them_out():
+    """Keys derived by hand from Score SDE's models/ncsnpp.py (the version with the sigmas
+    buffer) for nf 8, ch_mult (1, 2), one block, attention at 4x4, progressive
+    'output_skip' and progressive_input 'input_skip': the parameterless pyramid resamplers
+    are attributes (self.pyramid_downsample / self.pyramid_upsample), not entries of
+    all_modules, and Combine's 1x1 conv is Conv_0 (layerspp.Combine), as the checkpoints of
+    the high-resolution NCSN++ configs hold them (diffusers' NCSN++ conversion reads them so).
+    Index by index: 0 Fourier W, 1-2 dense, 3 input conv, 4 block, 5 down block, 6 Combine,
+    7 block, 8 attention, 9-11 middle, 12-13 blocks, 14 attention, 15-16 GroupNorm and conv
+    to the output pyramid, 17 up block, 18-19 blocks, 20-21 GroupNorm and conv."""
+    cfg = tiny_config(progressive="output_skip", progressive_input="input_skip")
+    with torch.device("meta"):
+        sd = from_score_sde_config(cfg).state_dict()
+    assert sd["all_modules.6.Conv_0.weight"].shape == (8, 2, 1, 1)        # Combine: C -> nf
+    assert sd["all_modules.5.Conv_2.weight"].shape == (8, 8, 1, 1)        # the down block
+    assert sd["all_modules.8.NIN_0.W"].shape == (16, 16)                  # attention at 4x4
+    assert sd["all_modules.15.weight"].shape == (16,)                     # pyramid GroupNorm
+    assert sd["all_modules.16.weight"].shape == (2, 16, 3, 3)             # conv to C channels
+    assert sd["all_modules.17.Conv_2.weight"].shape == (16, 16, 1, 1)     # the up block
+    assert sd["all_modules.20.weight"].shape == (8,)
+    assert sd["all_modules.21.weight"].shape == (2, 8, 3, 3)
+    assert max(int(k.split(".")[1]) for k in sd if k.startswith("all_modules.")) == 21
