@@ -201,6 +201,12 @@ def _parser() -> argparse.ArgumentParser:
                    choices=["logsnr", "time_uniform", "time_quadratic"],
                    help="dpm_solver: the time grid")
     p.add_argument("--rho", type=float, default=7.0, help="edm_heun: the sigma schedule's rho")
+    p.add_argument("--lml-rank", type=int, default=1,
+                   help="pc_lml: directions of the low-rank Hessian preconditioner")
+    p.add_argument("--lml-damping", type=float, default=1.0,
+                   help="pc_lml: damping lambda, in units of the batch mean |s|^2 / D")
+    p.add_argument("--lml-directions", default="random", choices=["random", "power"],
+                   help="pc_lml: fresh random directions, or one power iteration a step")
     p.add_argument("--data-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="value range of the images, for the PNG (None: the checkpoint's "
                         "training range)")
@@ -337,8 +343,9 @@ def _check_args(args) -> None:
     check_at_least("-n/--num", args.num)
     check_at_least("--steps", args.steps)
     check_at_least("--corrector-steps", args.corrector_steps, 0)
-    for option in ("snr", "rtol", "atol", "rho"):
-        check_positive(f"--{option}", getattr(args, option))
+    check_at_least("--lml-rank", args.lml_rank)
+    for option in ("snr", "rtol", "atol", "rho", "lml_damping"):
+        check_positive("--" + option.replace("_", "-"), getattr(args, option))
     check_seed(args.seed)
     args.data_range = check_range("--data-range", args.data_range)
     check_preset(args.config)
@@ -370,6 +377,10 @@ def main(argv=None) -> int:
     options = {}
     if args.method == "pc":
         options = {"snr": args.snr, "corrector_steps": args.corrector_steps}
+    elif args.method == "pc_lml":
+        options = {"snr": args.snr, "corrector_steps": args.corrector_steps,
+                   "rank": args.lml_rank, "damping": args.lml_damping,
+                   "directions": args.lml_directions}
     elif args.method == "ode":
         options = {"rtol": args.rtol, "atol": args.atol}
     elif args.method == "dpm_solver":

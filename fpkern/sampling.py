@@ -3,7 +3,7 @@
     sample(score_fn, sde, shape, *, method="pc", steps=None, generator=None, **options)
         -> SampleResult(samples, nfe)
 
-Methods (``SAMPLERS``). These six integrate from t = T down to t = eps on a float64 grid
+Methods (``SAMPLERS``). These seven integrate from t = T down to t = eps on a float64 grid
 t_0 = T > t_1 > ... > t_steps = eps (uniform in t, as Score SDE):
 
 | method | what one step t -> t' (dt = t - t' > 0) does | NFE per step |
@@ -11,9 +11,19 @@ t_0 = T > t_1 > ... > t_steps = eps (uniform in t, as Score SDE):
 | euler_maruyama | reverse SDE: x += (g^2 s - f x) dt + g sqrt(dt) z | 1 |
 | reverse_diffusion | ancestral step with the exact forward transition t' -> t, x_t = a x_t' + sqrt(v) z (a = alpha(t)/alpha(t'), v = sigma(t)^2 - a^2 sigma(t')^2): x = (2 - a) x + v s + sqrt(v) z (Score SDE's ReverseDiffusionPredictor; VE: SMLD, VP: DDPM) | 1 |
 | pc | Langevin corrector (snr, corrector_steps) at t, then the reverse-diffusion predictor (Score SDE's PC sampler) | 1 + corrector_steps |
+| pc_lml | pc with the damped second-order (Levenberg-Marquardt) Langevin corrector: x += eps M s + sqrt(2 eps) M^(1/2) z, M from exact J v products along `rank` directions (docs/MATH.md 12) | 1 + corrector_steps (1 + rank) |
 | ode | probability-flow ODE dx/dt = f x - 1/2 g^2 s (docs/MATH.md 7), adaptive Dormand-Prince RK45 (rtol, atol) | adaptive |
 | ode_euler | the same ODE with fixed Euler steps | 1 |
 | ode_heun | the same ODE with fixed Heun (trapezoidal RK2) steps | 2 |
+
+pc_lml's options (defaults first): ``snr`` 0.16 and ``corrector_steps`` 1 as pc; ``rank`` 1,
+the k directions per corrector step (at most D); ``damping`` 1.0, lambda in units of the mean
+curvature |s|^2 / D (large: the plain Langevin corrector); ``directions`` "random" (fresh
+Gaussian probes each step) or "power" (each step's J Q, one subspace-iteration step towards
+the stiffest directions). Each corrector step is one jet pass with 1 + rank rows, giving s and
+J q_1..q_k together; NFE counts it as 1 + rank evaluations (its linear layers run over that
+many rows). The Hessian's position dependence is not corrected for (no div M term, no
+Metropolis step), as in every Newton-type Langevin corrector.
 
 Two fast probability-flow samplers build their own float64 grid from T, eps and ``steps``,
 and for them ``steps`` is the number of score evaluations, exactly (docs/MATH.md 10):
@@ -49,19 +59,25 @@ on the tests' problems (experiments/ode_solver.py, read in experiments/README.md
 
 from __future__ import annotations
 
+import logging
 import math
+import zlib
 from typing import Callable, NamedTuple
 
 import torch
 
 from fpkern._checks import bcast
 
+from fpkern.jet import JetUnsupported, Layout
+from fpkern.ops import forward_mode
+from fpkern.ops.jet_pass import jet_pass
 from fpkern.sde import LinearSDE
 
 __all__ = ["SAMPLERS", "SampleResult", "sample", "time_grid", "odeint_rk45", "ODEResult",
            "probability_flow_drift", "tweedie_denoise", "score_prediction"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 class SampleResult(NamedTuple):
@@ -204,6 +220,153 @@ def _pc(score_fn, sde, x, grid, generator, *, snr=0.16, corrector_steps=1):
         x = _langevin(score_fn, sde, x, t, t_next, generator, snr, corrector_steps)
         x, mean = _rd_step(score_fn, sde, x, t, t_next, generator)
     return mean, (len(grid) - 1) * (1 + corrector_steps)
+
+
+# ---- the damped second-order Langevin corrector (LML; docs/MATH.md 12) -------------------
+_DIRECTIONS = ("random", "power")
+
+
+class _Preconditioner(NamedTuple):
+    """M = I - W diag(c) W^T per sample, lambda times the inverse of the damped curvature
+    lambda I + W diag(tau_+) W^T (Woodbury); W [B, D, k] orthonormal, c = tau_+/(lambda + tau_+)
+    in [0, 1). Its symmetric square root is I - W diag(1 - sqrt(1 - c)) W^T (MATH.md 12.2)."""
+
+    W: torch.Tensor
+    c: torch.Tensor
+
+    def apply(self, v: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+        """M^power v for power 1 or 1/2; v shaped like x."""
+        coef = self.c if power == 1.0 else 1.0 - torch.sqrt(1.0 - self.c)
+        vf = v.reshape(v.shape[0], -1, 1)
+        proj = self.W.transpose(1, 2) @ vf                                  # [B, k, 1]
+        return (vf - self.W @ (coef[..., None] * proj)).reshape(v.shape)
+
+
+def _direction_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """A generator for the directions, seeded from `generator`'s state without drawing from
+    it: every other draw of pc_lml (prior, corrector and predictor noise) is then pc's, and
+    the two samplers see common random numbers. None (the global generator) stays None."""
+    if generator is None:
+        return None
+    seed = zlib.crc32(generator.get_state().numpy().tobytes())
+    return torch.Generator(device=generator.device).manual_seed(seed)
+
+
+def _random_directions(x: torch.Tensor, k: int, generator) -> torch.Tensor:
+    """k Gaussian directions per sample, [k, *x.shape], from `generator` (as _randn)."""
+    dev = generator.device if generator is not None else x.device
+    return torch.randn((k,) + tuple(x.shape), generator=generator, dtype=x.dtype,
+                       device=dev).to(x.device)
+
+
+def _orthonormal(V: torch.Tensor) -> torch.Tensor:
+    """Per-sample orthonormal basis Q [B, D, k] of the directions V [k, B, *shape] (QR)."""
+    A = V.reshape(V.shape[0], V.shape[1], -1).permute(1, 2, 0)
+    return torch.linalg.qr(A).Q
+
+
+def _as_rows(Q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[B, D, k] -> [k, *x.shape], the tangent-row layout of a jet pass."""
+    return Q.permute(2, 0, 1).reshape((Q.shape[2],) + tuple(x.shape))
+
+
+_JVP_FALLBACK_LOGGED: set[str] = set()
+
+
+def _score_and_jvps(score_fn, x: torch.Tensor, t: torch.Tensor, V: torch.Tensor):
+    """(s, [J v_i]_i), J = ds/dx, from one jet pass with 1 + k rows (docs/MATH.md 8); a
+    score_fn without jet rules takes the generic torch.func path (one jvp per direction)."""
+    try:
+        rows = jet_pass(score_fn, x, t, V, time=False, layout=Layout(n1=V.shape[0]))
+        return rows[0], rows[1:]
+    except JetUnsupported as exc:
+        key = type(score_fn).__qualname__
+        if key not in _JVP_FALLBACK_LOGGED:
+            _JVP_FALLBACK_LOGGED.add(key)
+            log.warning("pc_lml: %s; J v by torch.func.jvp (slower)", exc)
+        return forward_mode.directional(score_fn, x, t, V)
+
+
+def _lml_preconditioner(Q: torch.Tensor, JQ: torch.Tensor, lam) -> _Preconditioner:
+    """The damped low-rank preconditioner from exact products (MATH.md 12.1): Rayleigh-Ritz
+    T = sym(Q^T H Q) with H = -J, T = U diag(tau) U^T, negative curvature clipped to 0;
+    lam: the damping lambda (a float or a 0-dim tensor)."""
+    HQ = -JQ.reshape(JQ.shape[0], JQ.shape[1], -1).permute(1, 2, 0)         # [B, D, k]
+    T = Q.transpose(1, 2) @ HQ
+    tau, U = torch.linalg.eigh(0.5 * (T + T.transpose(1, 2)))
+    tau = tau.clamp(min=0.0)
+    c = torch.where(tau > 0, tau / (lam + tau), torch.zeros_like(tau))
+    return _Preconditioner(Q @ U, c)
+
+
+def _curvature_scale(s: torch.Tensor) -> torch.Tensor:
+    """h_bar = mean over the batch of |s|^2 / D: E_q |s|^2 = E_q tr H (integration by parts),
+    so h_bar estimates the mean eigenvalue of H = -grad^2 log q_t; lambda = damping h_bar."""
+    return s.flatten(1).pow(2).sum(1).mean() / s[0].numel()
+
+
+def _lml_move(x, s, pre: _Preconditioner, z, step):
+    """x + step M s + sqrt(2 step) M^(1/2) z: preconditioned Langevin (MATH.md 12.3); step a
+    float or a 0-dim tensor (kept on the device: no synchronisation per step)."""
+    return x + step * pre.apply(s) + (2.0 * step) ** 0.5 * pre.apply(z, 0.5)
+
+
+def _lml_step_size(s, z, pre: _Preconditioner, alpha: float, snr: float) -> torch.Tensor:
+    """Score SDE's rule on the preconditioned terms: 2 alpha (snr |M^(1/2) z| / |M s|)^2 with
+    batch-mean norms; invariant to the scale of M, and the Langevin corrector's when M = I."""
+    drift = pre.apply(s).flatten(1).norm(dim=1).mean()
+    noise = pre.apply(z, 0.5).flatten(1).norm(dim=1).mean()
+    return 2 * alpha * (snr * noise / drift) ** 2
+
+
+def _lml(score_fn, sde, x, t, t_next, generator, snr, n_steps, rank, damping, V, dir_gen=None):
+    """n_steps LML corrector steps at t, noise from `generator`. V: the directions of the
+    first step ("power"), or None for fresh Gaussian ones from `dir_gen`; returns (x, the next
+    step's directions: J Q for "power", else None)."""
+    a, _ = _transition(sde, t, t_next)
+    tv = _tvec(t, x)
+    power = V is not None
+    for _ in range(n_steps):
+        Q = _orthonormal(V if power else _random_directions(x, rank, dir_gen))
+        s, JQ = _score_and_jvps(score_fn, x, tv, _as_rows(Q, x))
+        z = _randn(x, generator)
+        pre = _lml_preconditioner(Q, JQ, damping * _curvature_scale(s))
+        x = _lml_move(x, s, pre, z, _lml_step_size(s, z, pre, a * a, snr))
+        V = JQ if power else None
+    return x, V
+
+
+def _check_lml(x, snr, corrector_steps, rank, damping, directions) -> None:
+    """pc_lml's options: pc's two, then rank <= D, a positive finite damping, directions."""
+    if not snr > 0:
+        raise ValueError(f"snr must be positive, got {snr!r}")
+    steps = corrector_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"corrector_steps must be a non-negative int, got {corrector_steps!r}")
+    dim = x[0].numel()
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= dim:
+        raise ValueError(f"rank must be an int in [1, D={dim}] (directions per corrector "
+                         f"step), got {rank!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or \
+            not (damping > 0 and math.isfinite(damping)):
+        raise ValueError(f"damping must be a positive finite number, got {damping!r}")
+    if directions not in _DIRECTIONS:
+        raise ValueError(f"unknown directions {directions!r}; valid names: {list(_DIRECTIONS)}")
+
+
+def _pc_lml(score_fn, sde, x, grid, generator, *, snr=0.16, corrector_steps=1, rank=1,
+            damping=1.0, directions="random"):
+    """Predictor-corrector with the LML corrector (MATH.md 12) and the reverse-diffusion
+    predictor; NFE counts a jet pass of 1 + rank rows as 1 + rank evaluations."""
+    _check_lml(x, snr, corrector_steps, rank, damping, directions)
+    dir_gen = _direction_generator(generator)
+    V = _random_directions(x, rank, dir_gen) if directions == "power" else None
+    for i in range(len(grid) - 1):
+        t, t_next = float(grid[i]), float(grid[i + 1])
+        x, V = _lml(score_fn, sde, x, t, t_next, generator, snr, corrector_steps, rank,
+                    damping, V, dir_gen)
+        x, mean = _rd_step(score_fn, sde, x, t, t_next, generator)
+    return mean, (len(grid) - 1) * (1 + corrector_steps * (rank + 1))
 
 
 def _ode(score_fn, sde, x, grid, generator, *, rtol=1e-5, atol=1e-5):
@@ -433,6 +596,7 @@ SAMPLERS = {
     "euler_maruyama": _euler_maruyama,
     "reverse_diffusion": _reverse_diffusion,
     "pc": _pc,
+    "pc_lml": _pc_lml,
     "ode": _ode,
     "ode_euler": _ode_euler,
     "ode_heun": _ode_heun,
@@ -441,6 +605,7 @@ SAMPLERS = {
 }
 
 _OPTIONS = {"pc": ("snr", "corrector_steps"), "ode": ("rtol", "atol"),
+            "pc_lml": ("snr", "corrector_steps", "rank", "damping", "directions"),
             "dpm_solver": ("order", "multistep", "prediction", "schedule"), "edm_heun": ("rho",)}
 # "ode" ignores the grid's interior; dpm_solver and edm_heun build their own grids, and their
 # steps count score evaluations: 20 (DPM-Solver's suggestion), 34 (+1 denoise: EDM's 35 NFE)
@@ -457,7 +622,8 @@ def sample(score_fn: ScoreFn, sde: LinearSDE, shape, *, method: str = "pc",
     dpm_solver and edm_heun the score evaluations before denoising (default 20 and 34).
     generator: the one random source (prior and noise). eps: last time (Score SDE: 1e-3 for
     sampling). denoise: Tweedie step at eps. x_T: start here instead of a prior sample.
-    options: per method, pc: snr=0.16, corrector_steps=1; ode: rtol=1e-5, atol=1e-5;
+    options: per method, pc: snr=0.16, corrector_steps=1; pc_lml: those and rank=1,
+    damping=1.0, directions="random"; ode: rtol=1e-5, atol=1e-5;
     dpm_solver: order=3, multistep=True, prediction="data", schedule="logsnr"; edm_heun: rho=7.
     """
     if method not in SAMPLERS:

@@ -202,3 +202,99 @@ def test_evaluate_bpd_is_the_same_with_a_device_argument():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="no image"):
         evaluate_bpd(gauss.score_fn(sde), sde, images[:0], **kw)
+
+
+# ---- --likelihood density (docs/MATH.md 11) ------------------------------------------------
+def test_density_bpd_of_a_ve_model_on_0_1_data(ckpts, capsys):
+    """With the score 0 under VE every draw's integrand has mean 0, so the formula's mean is
+    its terminal term, E log N(x + sqrt(nu_T) z; 0, sigma_max^2 I): the ODE's closed form plus
+    nu_T / (2 sigma_max^2 ln 2) bits/dim, nu_T = sigma_max^2 - sigma(eps)^2 (the zero score's
+    reverse SDE adds noise where its ODE stands still: MATH.md 11.5). The command's number
+    is the library's on the same draws (data in [0, 1], one generator seeded --seed for the
+    dequantisation and then the formula), and that is the closed form within 4 standard
+    errors: far from the data's score the draws are noisy."""
+    from fpkern.likelihood import density_log_likelihood, dequantize_to_range, nll_to_bpd
+    from fpkern.sample import load_score_model
+
+    assert _main(["--checkpoint", ckpts["ve"], *_RUN, "--likelihood", "density", "--nodes", 4,
+                  "--mc-samples", 4]) == 0
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if "bits/dim" in ln][-1]
+    got = float(line.split(":")[1].split()[0])
+    assert "density formula, 32 network evaluations per image" in line, line
+    model = load_score_model(ckpts["ve"])
+    gen = torch.Generator().manual_seed(SEED)
+    x = dequantize_to_range(load_digits().images[:N], data_range=(0.0, 1.0), generator=gen)
+    res = density_log_likelihood(model.score_fn, model.sde, x, nodes=4, samples=4,
+                                 generator=gen)
+    D = x[0].numel()
+    lib = nll_to_bpd(res.logp.double(), D, (0.0, 1.0)).mean().item()
+    se = res.stderr.double().pow(2).sum().sqrt().item() / N / (D * math.log(2))
+    ode = _gauss_bpd(_dequantised(0.0, 1.0), 16.0 ** 2, 0.0, 1.0)
+    want = ode + 1 / (2 * math.log(2))      # sigma(eps)^2 / sigma_max^2 < 1e-6: left out
+    print(f"bpd {got}, library {lib} +- {se}, closed form {want}, the ODE's {ode}")
+    assert abs(got - lib) < 1e-4
+    assert abs(lib - want) < 4 * se
+
+
+def test_density_options_leave_the_ode_alone(ckpts, capsys):
+    """--likelihood ode (the default, test_bpd_of_a_ve_model_on_0_1_data) ignores the
+    density options: the closed form as there."""
+    assert _main(["--checkpoint", ckpts["ve"], *_RUN, "--likelihood", "ode", "--nodes", 3,
+                  "--quadrature", "midpoint", "--mc-samples", 2]) == 0
+    got = _bpd_line(capsys)
+    assert abs(got - _gauss_bpd(_dequantised(0.0, 1.0), 16.0 ** 2, 0.0, 1.0)) < 1e-3
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["--nodes", "0"], "--nodes"),
+    (["--mc-samples", "1"], "--mc-samples"),
+    (["--ref-var", "0"], "--ref-var"),
+    (["--ref-var", "nan"], "--ref-var"),
+    (["--ref-var", "wide"], "--ref-var"),
+    (["--quadrature", "trapezoid"], "argument --quadrature"),
+    (["--quadrature-variable", "snr"], "argument --quadrature-variable"),
+    (["--likelihood", "elbo"], "argument --likelihood"),
+    (["--ref-var", "none"], "--quadrature stratified needs"),
+    (["--no-antithetic"], "--quadrature stratified needs"),
+])
+def test_bad_density_options_exit_2_naming_the_option(ckpts, capsys, no_work, argv, option):
+    base = ["--dataset", "digits", "--split", "train", "--likelihood", "density"]
+    assert _main(["--checkpoint", ckpts["ve"], *base, *argv]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"{PROG}: error: {option}"), line
+
+
+def test_exact_probes_limit_is_the_ode_s_only(ckpts, monkeypatch, no_work):
+    """--probes exact beyond the Jacobian limit is refused for the ODE only: with --likelihood
+    density the command goes on to evaluate (the no_work guard then stops it)."""
+    monkeypatch.setattr("fpkern.ops.exact.MAX_DIM", 100)
+    with pytest.raises(AssertionError, match="evaluated before"):
+        _main(["--checkpoint", ckpts["ve"], "--dataset", "digits", "--split", "train",
+               "--probes", "exact", "--likelihood", "density"])
+
+
+def test_evaluate_bpd_density_on_a_gaussian():
+    """The library path: evaluate_bpd(likelihood="density") on a Gaussian score gives the
+    closed-form bpd within the formula's noise; an unknown likelihood is refused."""
+    from fpkern.data.mixture import GaussianMixture
+    from fpkern.evaluate import evaluate_bpd
+    from fpkern.likelihood import dequantize_to_range
+    from fpkern.sde import VPSDE
+
+    D = 12
+    gauss = GaussianMixture([1.0], torch.zeros(1, D, dtype=torch.float64), [0.5])
+    sde = VPSDE()
+    images = torch.randint(0, 256, (4, 3, 2, 2), generator=torch.Generator().manual_seed(2),
+                           dtype=torch.uint8)
+    bpd = evaluate_bpd(gauss.score_fn(sde), sde, images, batch_size=4, likelihood="density",
+                       nodes=8, samples=64, dtype=torch.float64, progress=False)
+    xq = dequantize_to_range(images, generator=torch.Generator().manual_seed(0),
+                             dtype=torch.float64)
+    t = torch.full((4,), 1e-5, dtype=torch.float64)
+    want = -gauss.log_prob(xq, t, sde) / (D * math.log(2)) + 7
+    print(f"bpd {bpd.tolist()} closed form {want.tolist()}")
+    assert (bpd - want).abs().max().item() < 0.15
+    assert abs((bpd - want).mean().item()) < 0.05
+    with pytest.raises(ValueError, match="likelihood"):
+        evaluate_bpd(gauss.score_fn(sde), sde, images, likelihood="elbo", progress=False)

@@ -335,6 +335,9 @@ def test_cuda_samples_match_cpu(ckpts, tmp_path):
     (["--method", "dpm_solver"], "dpm_solver",
      dict(order=3, multistep=True, prediction="data", schedule="logsnr")),
     (["--method", "edm_heun", "--rho", "5"], "edm_heun", dict(rho=5.0)),
+    (["--method", "pc_lml", "--lml-rank", "2", "--lml-damping", "3", "--lml-directions",
+      "power", "--snr", "0.2", "--corrector-steps", "2"], "pc_lml",
+     dict(rank=2, damping=3.0, directions="power", snr=0.2, corrector_steps=2)),
 ])
 def test_fast_sampler_options_reach_the_sampler(ckpts, tmp_path, monkeypatch, argv, method,
                                                 options):
