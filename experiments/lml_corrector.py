@@ -48,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import git, machine  # noqa: E402
+from fast_samplers import _median_bandwidth  # noqa: E402  (the same MMD bandwidth)
 
 from fpkern.data.mixture import GaussianMixture  # noqa: E402
 from fpkern.diagnostics import mmd, sliced_wasserstein  # noqa: E402
@@ -122,12 +123,6 @@ def sweep_configs(data: str, budget: int, dampings, snrs) -> dict[str, tuple[str
             out[f"L17 snr {snr:g}"] = ("pc", steps, {"corrector_steps": 17, "snr": snr})
             out[f"L1g16 snr {snr:g}"] = ("pc", steps, {"snr": snr})
     return out
-
-
-def _median_bandwidth(ref: torch.Tensor) -> float:
-    z = ref[:500].flatten(1)
-    d2 = torch.cdist(z, z).pow(2)
-    return float(d2[torch.triu(torch.ones_like(d2, dtype=torch.bool), 1)].median().sqrt())
 
 
 def run_case(data_name, gm, sde_name, seed, args) -> list[dict]:
