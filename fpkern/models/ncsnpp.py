@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -44,16 +45,12 @@ def discrete_sigmas(labels: torch.Tensor, sigma_min: float, sigma_max: float,
 
 def score_sde_sigmas(sigma_min: float, sigma_max: float, num_scales: int) -> torch.Tensor:
     """Score SDE's ``utils.get_sigmas(config)``: ``num_scales`` noise levels, geometric from
-    sigma_max down to sigma_min, in float64 (its networks register
-    ``torch.tensor(np.exp(np.linspace(...)))``, and a NumPy float64 array stays float64).
-    The grid is NumPy's linspace (start + i * step, the last point exactly the stop), so the
-    levels agree with Score SDE's to the last bits of exp."""
-    n = int(num_scales)
-    start, stop = math.log(sigma_max), math.log(sigma_min)
-    grid = start + torch.arange(n, dtype=torch.float64) * ((stop - start) / max(n - 1, 1))
-    if n > 1:
-        grid[-1] = stop
-    return torch.exp(grid)
+    sigma_max down to sigma_min, in float64, computed as Score SDE computes them:
+    ``torch.tensor(np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_scales)))``
+    (a NumPy float64 array stays float64). NumPy's exp and torch's differ in the last bit on
+    some levels, so only NumPy's gives Score SDE's buffer bit for bit."""
+    grid = np.linspace(np.log(sigma_max), np.log(sigma_min), int(num_scales))
+    return torch.tensor(np.exp(grid), dtype=torch.float64)
 
 
 def sigmas_mismatch(net: nn.Module, sigmas) -> str | None:
