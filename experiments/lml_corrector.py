@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import git, machine  # noqa: E402
-from fast_samplers import _median_bandwidth  # noqa: E402  (the same MMD bandwidth)
+from fast_samplers import _median_bandwidth, mean_ci  # noqa: E402  (the same bandwidth, CIs)
 
 from fpkern.data.mixture import GaussianMixture  # noqa: E402
 from fpkern.diagnostics import mmd, sliced_wasserstein  # noqa: E402
@@ -194,23 +194,6 @@ def pass_costs(args) -> list[dict]:
 
 
 # ---- summary over seeds ----------------------------------------------------------------------
-def _t975(dof: int) -> float:
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, dof))
-
-
-def mean_ci(values) -> tuple[float, float]:
-    """Mean and the half-width of the 95% t-interval (0 for one value)."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return float("nan"), float("nan")
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, _t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-
-
 def summarise(rows) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:

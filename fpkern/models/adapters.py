@@ -51,10 +51,8 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
 
+from fpkern._autodiff import autodiff_backends
 from fpkern._checks import bcast, check_batch, check_choice, check_floating
 from fpkern.jet import Jet, JetUnsupported
 from fpkern.sde import LinearSDE, VPSDE
@@ -77,46 +75,17 @@ def _forward_mode_active() -> bool:
     return getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
 
 
-def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """F.layer_norm as mean, variance and rsqrt, which autograd differentiates to any order
-    correctly; torch's own layer_norm rules give wrong second directional derivatives when
-    differentiated again (pytorch/pytorch#196700: nested JVPs, reverse over forward, and
-    reverse mode nested three deep)."""
-    n = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
-    dims = tuple(range(-n, 0))
-    mean = x.mean(dims, keepdim=True)
-    centred = x - mean
-    y = centred * torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight
-    return y + bias if bias is not None else y
-
-
-class _DifferentiableNorms(TorchFunctionMode):
-    """The normalisations as higher derivatives can take them: group_norm on a contiguous
-    input (torch's forward-mode rule views its input) and layer_norm as a composite
-    (_layer_norm)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.layer_norm:
-            return _layer_norm(*args, **kwargs)
-        if func is F.group_norm and args and not args[0].is_contiguous():
-            args = (args[0].contiguous(),) + tuple(args[1:])
-        return func(*args, **kwargs)
-
-
 @contextlib.contextmanager
 def derivative_kernels(x: torch.Tensor, t: torch.Tensor):
     """The context a network runs in at (x, t): the math attention backend and
-    normalisations that differentiate correctly to any order (_DifferentiableNorms) when a
+    normalisations that differentiate correctly to any order (fpkern._autodiff) when a
     derivative with respect to x or t is being taken; nothing for a plain forward or a pass
     on Jets (module docstring)."""
     if (isinstance(x, Jet) or isinstance(t, Jet)
             or not (x.requires_grad or t.requires_grad or _forward_mode_active())):
         yield
         return
-    with sdpa_kernel(SDPBackend.MATH), _DifferentiableNorms():
+    with autodiff_backends():
         yield
 
 

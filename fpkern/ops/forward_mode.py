@@ -8,66 +8,24 @@ all tangents through the network in stacked rows with fused jet kernels.
     directional(f, x, t, V)        -> (s, J v_k for each probe)           [K, *x.shape]
     second_directional(f, x, t, V) -> (J v_k, D^2_{v_k} s for each probe)
 
-Each runs inside `autodiff_backends()`, which changes no value, only how torch computes
-three ops whose derivative formulas fail these networks:
-- attention runs on torch's math backend: the fused CPU kernels have no forward-mode or
-  double-backward formula;
-- group_norm gets a contiguous input: torch's forward-mode formula of native_group_norm
-  views its input, which fails on the transposed activations of attention blocks;
-- layer_norm runs as its formula (mean, biased variance, rsqrt): torch's nested
-  forward-mode derivative of native_layer_norm is wrong (pytorch/pytorch#196700; its first
-  order and its reverse mode are right).
+Each runs inside `autodiff_backends()` (fpkern._autodiff), which changes no value, only
+how torch computes the three ops whose derivative formulas fail these networks (attention,
+group_norm, layer_norm).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch.func import jvp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
 
+from fpkern._autodiff import autodiff_backends
 from fpkern.ops._common import bcast, div_form_residual, sde_coefficients
 from fpkern.ops.fpe_combine import fpe_combine
 
 __all__ = ["autodiff_backends", "time_derivative", "directional", "second_directional",
            "residual"]
-
-
-def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """F.layer_norm as its formula, differentiable to any order by autograd."""
-    n = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
-    dims = tuple(range(-n, 0))
-    c = x - x.mean(dim=dims, keepdim=True)
-    y = c * torch.rsqrt(c.pow(2).mean(dim=dims, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight
-    return y if bias is None else y + bias
-
-
-class _DifferentiableOps(TorchFunctionMode):
-    """group_norm on a contiguous copy of its input, layer_norm as its formula (the module
-    docstring); every other function as it is."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.group_norm and args and not args[0].is_contiguous():
-            args = (args[0].contiguous(),) + tuple(args[1:])
-        elif func is F.layer_norm:
-            return _layer_norm(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def autodiff_backends():
-    """Run torch ops where forward mode and higher derivatives are right for them (the
-    module docstring): math attention, group_norm on contiguous inputs, layer_norm by its
-    formula."""
-    with sdpa_kernel(SDPBackend.MATH), _DifferentiableOps():
-        yield
 
 
 def _autodiff(fn):
