@@ -35,12 +35,12 @@ import torch
 from fpkern._checks import bcast, check_choice
 
 from fpkern.ops import (FORMS, METHODS, PROBE_DISTS, FPETerms, fpe_residual, fpe_terms,
-                        hutchinson_divergence, scalar_fpe_rhs)
+                        hutchinson_divergence, log_density_fpe, scalar_fpe_rhs)
 from fpkern.sde import LinearSDE
 
 __all__ = ["DSMLoss", "FPLoss", "DSMOutput", "FPOutput", "sample_time",
            "DSM_WEIGHTINGS", "WEIGHTINGS", "FP_POINTS", "ESTIMATORS", "NORMALIZATIONS",
-           "SCALAR_TERMS"]
+           "SCALAR_TERMS", "FP_FORMS"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -68,6 +68,13 @@ NORMALIZATIONS = ("paper", "dim")
 #: estimate of M^2, M = E[(h - D f(t)) / D] over x_t and t, which is 0 at the true score
 #: (E_q[d_t log q_t] = 0). The estimate can be negative and enters the loss as it is.
 SCALAR_TERMS = ("paper", "consistent")
+#: FPLoss forms: the score-FPE residual r in the div or laplacian form (fpkern.ops FORMS), or
+#: 'log_density', the scalar log-density FPE residual R of an energy or log-density network
+#: (fpkern.models.EnergyScore; fpkern.ops.log_density_fpe, docs/MATH.md 13), whose vector
+#: residual is grad_x R: L_vec = w(t) R_1 R_2 / D^2 ('paper') or / D ('dim'), R_1 R_2 the
+#: unbiased estimate of R^2 from two probe sets. It holds the scalar FPE with d_t log q
+#: itself, so the paper's scalar term (beta) does not apply.
+FP_FORMS = FORMS + ("log_density",)
 
 
 def sample_time(n: int, *, eps: float, T: float, generator: torch.Generator | None = None,
@@ -153,17 +160,23 @@ class FPLoss:
     ``batch``: evaluate on the first ``batch`` samples only (None: all), a cost knob.
     ``data_range``: (lo, hi) for fp_points 'random' (None: the batch's min and max).
     ``estimator``: 'vector' (|r|^2 from r) or 'projected' ((u . r)^2, see ESTIMATORS).
+    ``form`` 'log_density' (an EnergyScore network): L_vec = w R_1 R_2 / D^2 ('paper') or
+    / D ('dim'), the unbiased R^2 of the scalar log-density FPE (FP_FORMS), K = ``probes``
+    per set; ``beta`` defaults to 0.01 for the score forms and must be 0 for it.
     With form 'div', method 'fused' and estimator 'vector', the backward reruns the network
     (fpkern.ops.fused_div, like activation checkpointing): call backward before changing the
     parameters.
     """
 
-    def __init__(self, sde: LinearSDE, *, alpha: float = 0.15, beta: float = 0.01, m: float = 2,
+    def __init__(self, sde: LinearSDE, *, alpha: float = 0.15, beta: float | None = None,
+                 m: float = 2,
                  weighting: str = "ll", fp_points: str = "pert", form: str = "div",
                  method: str = "fused", probes: int = 1, probe_dist: str = "rademacher",
                  batch: int | None = None, data_range: tuple[float, float] | None = None,
                  eps: float = 1e-5, estimator: str = "vector", normalize: str = "paper",
                  scalar: str = "paper"):
+        if beta is None:
+            beta = 0.0 if form == "log_density" else 0.01
         check_choice("weighting", weighting, WEIGHTINGS)
         check_choice("normalize", normalize, NORMALIZATIONS)
         check_choice("scalar", scalar, SCALAR_TERMS)
@@ -172,8 +185,13 @@ class FPLoss:
             raise ValueError("estimator 'projected' needs form 'div', m 2 and method 'fused', "
                              f"got form {form!r}, m {m}, method {method!r}")
         check_choice("fp_points", fp_points, FP_POINTS)
-        check_choice("form", form, FORMS)
+        check_choice("form", form, FP_FORMS)
         check_choice("method", method, sorted(METHODS))
+        if form == "log_density" and (m != 2 or beta > 0 or estimator != "vector"):
+            raise ValueError(f"form 'log_density' trains with w R_1 R_2, the unbiased R^2 of the "
+                             f"scalar log-density FPE (which holds the scalar term itself): it "
+                             f"needs m 2, beta 0 and estimator 'vector', got m {m}, beta {beta}, "
+                             f"estimator {estimator!r}")
         check_choice("probe_dist", probe_dist, sorted(PROBE_DISTS))
         if alpha < 0 or beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got {alpha}, {beta}")
@@ -248,6 +266,8 @@ class FPLoss:
     def __call__(self, score_fn: ScoreFn, x: torch.Tensor, *, dsm: DSMOutput | None = None,
                  generator: torch.Generator | None = None) -> FPOutput:
         y, t, s = self.points(x, dsm, generator=generator)
+        if self.form == "log_density":
+            return self._log_density(score_fn, y, t, generator)
         if self.alpha > 0 and self.method == "fused":
             return self._output(self._terms(score_fn, y, t, s, generator), t)
         D = y[0].numel()
@@ -306,6 +326,21 @@ class FPLoss:
                          probes=self.probes, probe_dist=self.probe_dist, generator=generator,
                          score=s if self.form == "laplacian" else None,
                          directions=1 if self.estimator == "projected" else None)
+
+    def _log_density(self, score_fn, y, t, generator) -> FPOutput:
+        """Form 'log_density': alpha mean_n w R_1 R_2 / (D^2 or D) (FP_FORMS)."""
+        if getattr(score_fn, "log_density", None) is None:
+            raise TypeError(f"form 'log_density' needs a log-density network with a "
+                            f"log_density(x, t) method (fpkern.models.EnergyScore), got "
+                            f"{type(score_fn).__name__}")
+        zero = y.new_zeros(())
+        if self.alpha == 0:
+            return FPOutput(zero, y.new_zeros(y.shape[0]), zero)
+        terms = log_density_fpe(score_fn, y, t, self.sde, method=self.method,
+                                probes=self.probes, probe_dist=self.probe_dist,
+                                generator=generator)
+        vec = self.weight(t).to(y.dtype) * terms.square / self.vec_scale(y[0].numel())
+        return FPOutput(self.alpha * vec.mean(), vec, zero)
 
     def _output(self, terms: FPETerms, t: torch.Tensor) -> FPOutput:
         scalar = (self.scalar_term(terms.scalar, t, terms.score[0].numel()) if self.beta > 0

@@ -876,3 +876,38 @@ def softmax_rows(X: torch.Tensor, L: Layout, dim: int, y: torch.Tensor | None = 
         out.append(second + torch.stack(corr))
     return torch.cat(out)
 
+
+
+@_register(["logsumexp"], modules=(torch, torch.Tensor, torch.special))
+def _logsumexp(func, args, kwargs):
+    """y = log sum_i exp(x_i) along per-sample dims, p = softmax(x) along them:
+    y_a = <p, x_a> and y_ab = <p, x_ab> + <p, x_a x_b> - <p, x_a> <p, x_b> (the log-density
+    of a mixture, an energy network's free energy)."""
+    x = args[0]
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    if dim is None or set(kwargs) - {"dim", "keepdim"} or len(args) > 3:
+        raise JetUnsupported("logsumexp needs dim (and at most keepdim)", function="logsumexp")
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    if not dims or any(d == 0 or d < -(x.dim() - 1) for d in dims):
+        raise JetUnsupported("logsumexp over the batch dim has no jet rule", function="logsumexp")
+    X, L = x.rows, x.layout
+    rd = _shifted_dims(dims)                             # the same dims in the row stack
+    y = torch.logsumexp(X[0], dim=dims, keepdim=True)
+    p = torch.exp(X[0] - y)
+
+    def mean(r):                                         # <p, r> over dims, kept
+        return (p * r).sum(dim=rd if r.dim() == X.dim() else dims, keepdim=True)
+
+    first = mean(X[L.first])
+    out = [y[None], first]
+    if L.pairs or L.collapse:
+        def cross(a, b):                                 # <p, x_a x_b> - <p, x_a> <p, x_b>
+            return mean(X[a] * X[b]) - first[a - 1] * first[b - 1]
+
+        corr = [cross(a, b) for a, b in L.pairs]
+        if L.collapse:
+            corr.append(torch.stack([cross(k, k) for k in L.collapse]).mean(0))
+        out.append(mean(X[L.second]) + torch.stack(corr))
+    rows = torch.cat(out)
+    return _wrap(rows if keepdim else rows.squeeze(rd), L)

@@ -22,7 +22,8 @@ Time conventions:
   sigma / alpha: the denoiser gets that input and that noise level (EDM's scaled
   formulation, s(t) = alpha); Tweedie's formula gives the score. Under a VE SDE alpha = 1.
 - ``EnergyScore``: the network takes t itself; s = -grad_x sum_b E(x, t)_b, so samples
-  must not interact (no batch statistics). The gradient is taken with ``torch.func.grad``:
+  must not interact (no batch statistics). The gradient is a reverse pass with
+  ``create_graph`` (``torch.func.grad`` inside torch.func transforms and forward-mode AD):
   it stays differentiable, for the parameter gradient of a loss on s and for the
   residual's derivatives of s (forward mode, vmap and reverse mode compose with it).
 
@@ -324,8 +325,11 @@ class EnergyScore(_Adapter):
     shape [B]. ``sde`` (optional) only checks t's range. ``input_shape`` is needed unless
     the network has one.
 
-    The gradient is ``torch.func.grad`` of the batch sum, differentiable to any order. There
-    is no jet rule for it: method "fused" runs the generic torch.func path.
+    The gradient is a reverse pass of the batch sum with ``create_graph`` (or
+    ``torch.func.grad`` inside torch.func transforms), differentiable to any order. There
+    is no jet rule for it: the vector residual's method "fused" runs the generic torch.func
+    path. The scalar log-density FPE, ``fpkern.ops.log_density_fpe(adapter, x, t, sde)``,
+    runs the network itself on Jets (``log_density``) in one forward pass.
     """
 
     def __init__(self, net, sde: LinearSDE | None = None, *, input_shape=None,
@@ -350,12 +354,33 @@ class EnergyScore(_Adapter):
         _check_dtype(out, x, type(self).__name__)
         return out
 
+    def log_density(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """log q(x, t) up to a constant in x, shape [B]: -E (``kind="energy"``) or the
+        network's value (``"log_density"``). Runs on Jets (fpkern.ops.log_density_fpe)."""
+        self._check(x, t)
+        u = self.value(x, t)
+        return -u if self.kind == "energy" else u
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if isinstance(x, Jet) or isinstance(t, Jet):
-            raise JetUnsupported("EnergyScore: the gradient of an energy network has no jet rule")
+            raise JetUnsupported("EnergyScore: the gradient of an energy network has no jet "
+                                 "rule; its scalar FPE runs on Jets: "
+                                 "fpkern.ops.log_density_fpe")
         self._check(x, t)
-        grad = torch.func.grad(lambda y: self.value(y, t).sum())(x)
+        grad = self._grad(x, t)
         return -grad if self.kind == "energy" else grad
+
+    def _grad(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """grad_x of the batch sum of the network's value, with a graph when grad mode is on
+        or x requires grad (an outer derivative in x)."""
+        if _forward_mode_active():
+            return torch.func.grad(lambda y: self.value(y, t).sum())(x)
+        outer = x.requires_grad
+        keep = torch.is_grad_enabled() or outer
+        y = x if outer else x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self.value(y, t).sum(), y, create_graph=keep)
+        return grad
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, sde={self.sde!r}"

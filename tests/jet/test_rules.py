@@ -26,7 +26,8 @@ def _jet_rows(fn, x, V, layout):
 
 
 LAYOUTS = [Layout(n1=2, collapse=(1, 2)), Layout(n1=3, pairs=((1, 3), (2, 3)), collapse=(1, 2)),
-           Layout(n1=3, pairs=((1, 2), (1, 3))), Layout(n1=2)]
+           Layout(n1=3, pairs=((1, 2), (1, 3))), Layout(n1=2),
+           Layout(n1=3, pairs=((2, 2), (3, 3)), collapse=(1,))]   # the log-density FPE's
 
 W = torch.randn(5, 4, dtype=F64)
 CONV = torch.randn(3, 2, 3, 3, dtype=F64)
@@ -54,6 +55,8 @@ COMPOSITE = {
     "einsum2_contract": lambda x: torch.einsum("bi,bi->b", torch.sin(x), x * x)[:, None],
     "einsum2_ellipsis": lambda x: torch.einsum("...i,...j->...ij", x, torch.cos(x)).flatten(1),
     "softmax": lambda x: F.softmax(x * 2, dim=-1),
+    "logsumexp": lambda x: torch.logsumexp(x * 2, dim=-1, keepdim=True) * x,
+    "logsumexp_dims": lambda x: torch.logsumexp(torch.sin(x).reshape(-1, 2, 2), dim=(1, -1))[:, None],
     "var_mean": lambda x: torch.stack(torch.var_mean(x, dim=-1, unbiased=True), -1),
     "cat_const": lambda x: torch.cat([x, torch.ones_like(x)[:, :1] * 3, torch.sin(x)], dim=1),
     "reshape_reduce": lambda x: x.reshape(x.shape[0], 2, 2).permute(0, 2, 1).flatten(1).mean(-1),
@@ -77,7 +80,8 @@ COMPOSITE = {
 }
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["collapsed", "mixed", "pairs", "first"])
+@pytest.mark.parametrize("layout", LAYOUTS,
+                         ids=["collapsed", "mixed", "pairs", "first", "diagonal_pairs"])
 @pytest.mark.parametrize("name", sorted(UNARY) + sorted(COMPOSITE))
 def test_rule_matches_nested_jvp(name, layout, gen):
     fn = UNARY.get(name) or COMPOSITE[name]
