@@ -2,7 +2,7 @@
 
     E(x, t) = quadratic / 2 |x|^2 + head(h(x, t)),
 
-h as in fpkern.models.mlp (Gaussian Fourier features of t, a dense time embedding added to
+h as in fpkern.models.mlp (its TimeMLP layers: Gaussian Fourier features of t, a dense time embedding added to
 every block) and head a dense layer to one value. With the head at zero the density
 exp(-E) is N(0, I / quadratic): the VP prior at t = T for quadratic = 1, so training starts
 from the right density there. Wrapped as ``EnergyScore(EnergyMLP(D), sde)`` its score is
@@ -13,34 +13,23 @@ from the right density there. Wrapped as ``EnergyScore(EnergyMLP(D), sde)`` its 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from fpkern.models import layers as L
-from fpkern.models.mlp import fourier_features
+from fpkern.models.mlp import TimeMLP, fourier_features
 
 __all__ = ["EnergyMLP"]
 
 
-class EnergyMLP(nn.Module):
+class EnergyMLP(TimeMLP):
     """Energy network ``forward(x [B, dim], t [B]) -> [B]`` (module docstring)."""
 
     def __init__(self, dim: int, width: int = 128, depth: int = 3, *, act: str = "swish",
                  embed_dim: int = 64, fourier_scale: float = 16.0, quadratic: float = 1.0):
-        super().__init__()
-        if int(dim) < 1 or int(width) < 1 or int(depth) < 1:
-            raise ValueError(f"EnergyMLP needs dim, width, depth >= 1, got {dim}, {width}, {depth}")
-        if embed_dim % 2 != 0:
-            raise ValueError(f"embed_dim must be even, got {embed_dim}")
+        super().__init__(dim, width, depth, act=act, embed_dim=embed_dim,
+                         fourier_scale=fourier_scale)
         if quadratic < 0:
             raise ValueError(f"quadratic must be >= 0, got {quadratic}")
-        self.dim, self.quadratic = int(dim), float(quadratic)
-        self.input_shape = (self.dim,)
-        self.act = L.get_act(act)
-        self.embed = L.GaussianFourierProjection(embed_dim // 2, scale=fourier_scale)
-        self.temb = L.dense(embed_dim, width)
-        self.inp = L.dense(dim, width)
-        self.hidden = nn.ModuleList(L.dense(width, width) for _ in range(depth - 1))
-        self.temb_proj = nn.ModuleList(L.dense(width, width) for _ in range(depth - 1))
+        self.quadratic = float(quadratic)
         self.head = L.dense(width, 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from fpkern.jet.fused.mlp_jet import mlp_jet_rule
 from fpkern.jet.fused.mlp_rows import MLPParams
 from fpkern.models import layers as L
 
-__all__ = ["MLP", "MLPParams", "mlp_forward", "mlp_composite"]
+__all__ = ["MLP", "TimeMLP", "MLPParams", "mlp_forward", "mlp_composite"]
 
 
 def fourier_features(t: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -59,16 +59,18 @@ def mlp_forward(x: torch.Tensor, t: torch.Tensor, params: MLPParams, act) -> tor
 register_rule(mlp_forward, mlp_jet_rule(mlp_composite))
 
 
-class MLP(nn.Module):
-    """Noise-prediction MLP: ``forward(x [B, dim], t [B]) -> [B, dim]``."""
-
-    output_type = "noise"     # ScoreFn: score = -out / sigma(t), labels = t
+class TimeMLP(nn.Module):
+    """The layers an MLP for vector data shares (module docstring): the Fourier time
+    embedding, its dense layer, the input layer and ``depth - 1`` blocks, each with its own
+    projection of the embedding. ``MLP`` adds the noise head, ``fpkern.models.energy``'s
+    ``EnergyMLP`` an energy head."""
 
     def __init__(self, dim: int, width: int = 256, depth: int = 3, *, act: str = "swish",
                  embed_dim: int = 64, fourier_scale: float = 16.0):
         super().__init__()
         if int(dim) < 1 or int(width) < 1 or int(depth) < 1:
-            raise ValueError(f"MLP needs dim, width, depth >= 1, got {dim}, {width}, {depth}")
+            raise ValueError(f"{type(self).__name__} needs dim, width, depth >= 1, got {dim}, "
+                             f"{width}, {depth}")
         if embed_dim % 2 != 0:
             raise ValueError(f"embed_dim must be even, got {embed_dim}")
         self.dim, self.width, self.depth = int(dim), int(width), int(depth)
@@ -79,6 +81,17 @@ class MLP(nn.Module):
         self.inp = L.dense(dim, width)
         self.hidden = nn.ModuleList(L.dense(width, width) for _ in range(depth - 1))
         self.temb_proj = nn.ModuleList(L.dense(width, width) for _ in range(depth - 1))
+
+
+class MLP(TimeMLP):
+    """Noise-prediction MLP: ``forward(x [B, dim], t [B]) -> [B, dim]``."""
+
+    output_type = "noise"     # ScoreFn: score = -out / sigma(t), labels = t
+
+    def __init__(self, dim: int, width: int = 256, depth: int = 3, *, act: str = "swish",
+                 embed_dim: int = 64, fourier_scale: float = 16.0):
+        super().__init__(dim, width, depth, act=act, embed_dim=embed_dim,
+                         fourier_scale=fourier_scale)
         self.out = L.dense(width, dim)
 
     def mlp_params(self) -> MLPParams:
