@@ -24,13 +24,22 @@ samplers the path error, the RMS over draws of |x - x*| with x* the RK45 solve a
 the same x_T. The distances are also reported as the excess over RK45's in the same seed
 (a paired difference: the x_T, the reference and the directions are shared), which removes
 most of the sampling noise of the draws. Tables: mean +- the 95% t-interval half-width over
-seeds. No trained-model option yet: the oracle only. Writes
+seeds.
+
+``--trained``: the same on trained models, under VP: the MLP(2, 128, 3) score networks of
+experiments/density_likelihood.py (``train_models``: --train-steps of likelihood-weighted DSM
+on the 8-Gaussian ring of experiments/fp_study.py, then --fp-steps more of DSM, "dsm+dsm",
+or of DSM + FP at --fp-alpha, "dsm+fp", from the same EMA checkpoint), in float64, and the
+ring's exact score beside them (data names ``ring/<model>``). The distances to true ring
+samples then hold the model's error as well as the sampler's; the excess over RK45 and the
+path error (against the model's own ODE at 1e-9) are the sampler's alone. Writes
 fast_samplers.json and fast_samplers.md to --out; the reading is in experiments/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shlex
@@ -90,10 +99,11 @@ def _median_bandwidth(ref: torch.Tensor) -> float:
     return float(d2[torch.triu(torch.ones_like(d2, dtype=torch.bool), 1)].median().sqrt())
 
 
-def run_case(data_name, gm, sde_name, seed, args) -> list[dict]:
-    """Every sampler at every budget for one (data set, SDE, seed)."""
+def run_case(data_name, gm, sde_name, seed, args, score=None) -> list[dict]:
+    """Every sampler at every budget for one (data set, SDE, seed); `score`: a model of gm's
+    score (default: gm's exact one)."""
     sde = SDES[sde_name]()
-    score = gm.score_fn(sde)
+    score = gm.score_fn(sde) if score is None else score
     n, dim = args.n, gm.dim
     x_T = sde.prior_sampling((n, dim), generator=torch.Generator().manual_seed(1000 + seed),
                              dtype=torch.float64)
@@ -213,6 +223,7 @@ def to_markdown(summary, args, header) -> str:
              "a second true sample, so a sampler at the floor of the estimator sits near that "
              "row, and RK45 at 0.", ""]
     for data in dict.fromkeys(s["data"] for s in summary):
+        sdes = [k for k in SDES if any(s["sde"] == k and s["data"] == data for s in summary)]
         lines += [f"### {data}: absolute distances to the true reference", "",
                   "| | " + " | ".join(f"{k} SW2 | {k} MMD²" for k in sdes) + " |",
                   "|---|" + "---:|" * (2 * len(sdes))]
@@ -228,18 +239,43 @@ def to_markdown(summary, args, header) -> str:
     return "\n".join(lines)
 
 
+def run_trained(args) -> list[dict]:
+    """Every sampler on the trained ring models and the ring's exact score (VP)."""
+    from density_likelihood import train_models
+    from fp_study import ring_mixture
+
+    opts = argparse.Namespace(seed=0, train_steps=args.train_steps, fp_steps=args.fp_steps,
+                              fp_alpha=args.fp_alpha)
+    gm = ring_mixture()
+    rows = []
+    for name, m in train_models(opts, VPSDE()).items():
+        score = m["score"]
+        if isinstance(score, torch.nn.Module):
+            score = copy.deepcopy(score).double().eval()
+        for seed in range(args.seeds):
+            rows += run_case(f"ring/{name}", gm, "vp", seed, args, score=score)
+        print(f"trained ring/{name}: sampled", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seeds", type=int, default=5, help="independent repetitions")
     p.add_argument("--n", type=int, default=1000, help="samples per run (and per true sample)")
     p.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50], help="NFE budgets")
-    p.add_argument("--data", nargs="+", default=["mix2", "mix16"], choices=["mix2", "mix16"],
-                   help="data sets")
+    p.add_argument("--data", nargs="*", default=["mix2", "mix16"], choices=["mix2", "mix16"],
+                   help="exact-score data sets (none: `--data` alone, with --trained)")
     p.add_argument("--sdes", nargs="+", default=list(SDES), choices=list(SDES), help="SDEs")
     p.add_argument("--only", nargs="+", default=None,
                    help="run the samplers whose name contains one of these")
     p.add_argument("--projections", type=int, default=128, help="sliced-W2 directions")
+    p.add_argument("--trained", action="store_true",
+                   help="also the trained ring models (VP; experiments/density_likelihood.py)")
+    p.add_argument("--train-steps", type=int, default=3000, help="--trained: DSM steps")
+    p.add_argument("--fp-steps", type=int, default=300,
+                   help="--trained: fine-tuning steps (DSM, and DSM + FP)")
+    p.add_argument("--fp-alpha", type=float, default=0.01, help="--trained: the FP weight")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
@@ -261,6 +297,8 @@ def main(argv=None):
                     rows += run_case(data_name, gm, sde_name, seed, args)
                     elapsed = time.perf_counter() - start
                     print(f"{data_name} {sde_name} seed {seed}: {elapsed:.0f} s", flush=True)
+        if args.trained:
+            rows += run_trained(args)
     finally:
         torch.set_num_threads(threads)
     info["wall_s"] = time.perf_counter() - start

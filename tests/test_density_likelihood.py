@@ -453,3 +453,26 @@ def test_study_script_tiny(experiment, tmp_path):
         assert all(math.isfinite(v) for v in row.values() if isinstance(v, float)), row
     with pytest.raises(ValueError, match="budget"):
         study.split_budget(18)
+
+
+def test_density_digits_smoke_on_a_zero_score_model(experiment, tmp_path):
+    """experiments/density_digits.py on a zero-weight VE checkpoint: the ODE stands still,
+    so its bits/dim are N(0, sigma_max^2 I)'s on the same dequantised digits (the closed form
+    of tests/test_evaluate_cli.py); both estimates and the paired difference are written."""
+    import json
+
+    from tests.test_evaluate_cli import N, SEED, _dequantised, _gauss_bpd
+    from tests.test_sample_cli import train_checkpoint
+
+    ckpt, _ = train_checkpoint(tmp_path / "ve", arch="ncsnpp", zero=True)
+    study = experiment("density_digits")
+    res = study.main(["--checkpoint", str(ckpt), "--images", str(N), "--seed", str(SEED),
+                      "--probes", "1", "--tol", "1e-3", "--nodes", "2", "--mc-samples", "2",
+                      "--threads", "1", "--out", str(tmp_path)])
+    want = _gauss_bpd(_dequantised(0.0, 1.0), 16.0 ** 2, 0.0, 1.0)
+    assert abs(res["ode"]["bpd"] - want) < 1e-3
+    assert math.isfinite(res["density"]["bpd"]) and res["density"]["evals_per_image"] == 8
+    saved = json.loads((tmp_path / "density_digits.json").read_text())
+    assert saved["command"].startswith("python experiments/density_digits.py")
+    assert len(saved["per_image"]["ode"]) == N
+    assert "Paired per-image difference" in (tmp_path / "density_digits.md").read_text()

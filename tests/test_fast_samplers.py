@@ -260,3 +260,18 @@ def test_fast_samplers_study_smoke(experiment, tmp_path):
     assert len(saved["rows"]) == 2 * 5
     md = (tmp_path / "fast_samplers.md").read_text()
     assert "### mix2: path error" in md and "| dpm3m-data |" in md
+
+
+def test_fast_samplers_trained_smoke(experiment, tmp_path):
+    """--trained: the ring models of experiments/density_likelihood.py (tiny training) and
+    the ring's exact score, VP, every sampler's rows and tables."""
+    study = experiment("fast_samplers")
+    summary = study.main(["--seeds", "2", "--n", "100", "--nfe", "6", "--data", "--trained",
+                          "--train-steps", "20", "--fp-steps", "5", "--only", "dpm3m-data",
+                          "--out", str(tmp_path)])
+    models = {"dsm", "dsm+dsm", "dsm+fp", "true score"}
+    assert {s["data"] for s in summary} == {f"ring/{m}" for m in models}
+    assert all(s["sde"] == "vp" and s["seeds"] == 2 for s in summary)
+    assert all(math.isfinite(s["sw2"]) for s in summary)
+    md = (tmp_path / "fast_samplers.md").read_text()
+    assert "### ring/dsm+fp: path error" in md
