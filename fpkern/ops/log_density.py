@@ -46,8 +46,9 @@ import torch
 
 from fpkern._checks import check_choice
 from fpkern.jet import JetUnsupported, Layout
-from fpkern.ops._common import (bcast, check_inputs, check_precision, outside_inference_mode,
-                                precision_scope, reverse_mode, sde_coefficients)
+from fpkern.ops._common import (_score_dtype_ok, bcast, check_inputs, check_precision,
+                                outside_inference_mode, precision_scope, reverse_mode,
+                                sde_coefficients)
 from fpkern.ops.jet_pass import jet_pass
 from fpkern.ops.probes import resolve_probes
 
@@ -86,8 +87,7 @@ class _CheckedLogDensity:
             raise ValueError(f"log_density(x, t) ({self.name}) returned shape {tuple(u.shape)} "
                              f"for a batch of {B}; it must return one value per sample, shape "
                              f"[B]{hint}")
-        if u.dtype != x.dtype and not (torch.is_autocast_enabled(x.device.type)
-                                       and u.dtype == torch.get_autocast_dtype(x.device.type)):
+        if not _score_dtype_ok(u, x):
             raise ValueError(f"log_density(x, t) ({self.name}) is {u.dtype} for x of {x.dtype}; "
                              f"it must have x's dtype")
         return u
