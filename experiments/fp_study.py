@@ -825,7 +825,7 @@ def task_image_finetune(spec: dict) -> dict:
 
 
 # ==== scheduling =============================================================================
-def run_tasks(args, tasks_vec: list[dict], bar) -> tuple[list, dict]:
+def run_tasks(args, tasks_vec: list[dict], bar, parts: "Parts") -> tuple[list, dict]:
     """Run the vector tasks and the digits chain on args.workers processes (in this process
     for workers = 1). The digits chain is on the critical path, so its ready tasks go first."""
     base = {"args": vars_for_workers(args)}
@@ -837,7 +837,9 @@ def run_tasks(args, tasks_vec: list[dict], bar) -> tuple[list, dict]:
            "image_finetune": task_image_finetune}
     vec_results, image = [], {"finetune": []}
 
-    def handle(kind, spec, res):
+    def handle(kind, spec, res, cached=False):
+        if not cached:
+            parts.save(kind, spec, res)
         if kind == "vec":
             vec_results.append(res)
             log.info("%s seed %d done: %s", res["dataset"], res["seed"],
@@ -864,7 +866,12 @@ def run_tasks(args, tasks_vec: list[dict], bar) -> tuple[list, dict]:
             while ready:
                 ready.sort(key=lambda r: r[0])
                 _, kind, spec = ready.pop(0)
-                handle(kind, spec, fns[kind](spec))
+                res = parts.load(kind, spec)
+                if res is not None:
+                    handle(kind, spec, res, cached=True)
+                    bar.update(parts.units(kind, args))
+                else:
+                    handle(kind, spec, fns[kind](spec))
         finally:
             _PROGRESS = None
         return vec_results, image
@@ -878,6 +885,12 @@ def run_tasks(args, tasks_vec: list[dict], bar) -> tuple[list, dict]:
             ready.sort(key=lambda r: r[0])
             while ready and len(running) < args.workers:
                 _, kind, spec = ready.pop(0)
+                res = parts.load(kind, spec)
+                if res is not None:
+                    handle(kind, spec, res, cached=True)
+                    bar.update(parts.units(kind, args))
+                    ready.sort(key=lambda r: r[0])
+                    continue
                 running[pool.submit(fns[kind], spec)] = (kind, spec)
             done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
             _drain(q, bar)
@@ -886,6 +899,65 @@ def run_tasks(args, tasks_vec: list[dict], bar) -> tuple[list, dict]:
                 handle(kind, spec, f.result())
         _drain(q, bar)
     return vec_results, image
+
+
+class Parts:
+    """Each finished task's result saved under --out/fp_study_parts/ (atomically, as it
+    finishes), so an interrupted run keeps its work: ``--resume`` loads the parts written with
+    the same settings and runs only the rest. The folder is removed once the results are
+    written."""
+
+    #: Options that do not change a task's result.
+    NEUTRAL = ("out", "workers", "threads", "resume")
+
+    def __init__(self, args):
+        self.dir = Path(args.out) / "fp_study_parts"
+        self.resume = args.resume
+        self.settings = {k: v for k, v in vars_for_workers(args).items() if k not in self.NEUTRAL}
+        self.resumed: list[str] = []
+
+    @staticmethod
+    def name(kind: str, spec: dict) -> str:
+        if kind == "vec":
+            return f"vec_{spec['dataset']}_{spec['seed']}"
+        if kind == "image_finetune":
+            return f"image_finetune_{spec['seed']}_{spec['config']}"
+        return kind
+
+    @staticmethod
+    def units(kind: str, args) -> int:
+        """Progress-bar units a task reports (see count_units)."""
+        return len(make_configs(args)) + 3 if kind == "vec" else 1
+
+    def save(self, kind: str, spec: dict, res: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / (self.name(kind, spec) + ".pt")
+        tmp = path.with_suffix(".tmp")
+        torch.save({"settings": self.settings, "result": res}, tmp)
+        tmp.replace(path)
+
+    def load(self, kind: str, spec: dict) -> dict | None:
+        if not self.resume:
+            return None
+        path = self.dir / (self.name(kind, spec) + ".pt")
+        if not path.exists():
+            return None
+        part = torch.load(path, weights_only=False)
+        if part["settings"] != self.settings:
+            diff = sorted(k for k in set(part["settings"]) | set(self.settings)
+                          if part["settings"].get(k) != self.settings.get(k))
+            log.warning("%s was written with other settings (%s): running it again",
+                        path, ", ".join(diff))
+            return None
+        log.info("resumed %s", path.name)
+        self.resumed.append(path.stem)
+        return part["result"]
+
+    def clear(self) -> None:
+        if self.dir.exists():
+            for f in self.dir.iterdir():
+                f.unlink()
+            self.dir.rmdir()
 
 
 def _bar_update(bar, msg: str) -> None:
@@ -1249,6 +1321,10 @@ def write_markdown(results: dict, args, path: Path) -> None:
           f"Total {results['total_s'] / 60:.1f} min wall-clock (estimated beforehand "
           f"{est['wall_s'] / 60:.1f} min). Worker-seconds per phase: "
           + ", ".join(f"{k} {v:.0f}" for k, v in results["phase_worker_s"].items()) + ".", ""]
+    if results.get("resumed_tasks"):
+        L += [f"Resumed (`--resume`) from an interrupted run with the same settings: "
+              f"{', '.join(results['resumed_tasks'])}; the wall-clock total covers this run "
+              f"only, the worker-seconds every task.", ""]
     L += ["## Set-up", "",
           f"VP SDE; MLP(D, {args.width}, {args.depth}) noise-prediction network in ScoreFn; EMA "
           f"weights evaluated. DSM pretraining per (data set, seed): Adam lr {args.lr}, clip 1, "
@@ -1629,6 +1705,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--image-n-prof", type=int, default=16, help="held-out images for the residual profile")
     a("--image-n-samples", type=int, default=64, help="samples in the PNG grid")
     a("--image-sde-steps", type=int, default=200, help="Euler-Maruyama steps of the samples")
+    a("--resume", action="store_true",
+      help="reuse the tasks an interrupted run with the same settings saved in "
+           "--out/fp_study_parts/ and run only the rest")
     a("--workers", type=int, default=2, help="worker processes (1: in this process)")
     a("--threads", type=int, default=1,
       help="torch threads per worker (1: on a loaded 2-core machine more threads run slower)")
@@ -1660,8 +1739,9 @@ def main(argv=None) -> dict:
     tasks = [{"dataset": d, "seed": s} for d in args.datasets for s in range(args.seeds)]
     bar = tqdm(total=count_units(args, len(tasks)), desc="fp_study", unit="model",
                mininterval=1.0, dynamic_ncols=True)
+    parts = Parts(args)
     try:
-        vec_results, image = run_tasks(args, tasks, bar)
+        vec_results, image = run_tasks(args, tasks, bar, parts)
     finally:
         bar.close()
     t_run = time.perf_counter() - t_start
@@ -1678,7 +1758,8 @@ def main(argv=None) -> dict:
                "configs": [c._asdict() for c in make_configs(args)],
                "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
                "machine": machine(), "estimate": est, "phase_worker_s": phase,
-               "parallel_wall_s": t_run, "summary": summary, "images_summary": images_summary,
+               "parallel_wall_s": t_run, "resumed_tasks": parts.resumed,
+               "summary": summary, "images_summary": images_summary,
                "tasks": sorted(vec_results, key=lambda r: (r["dataset"], r["seed"]))}
     t0 = time.perf_counter()
     results["total_s"] = time.perf_counter() - t_start
@@ -1691,6 +1772,7 @@ def main(argv=None) -> dict:
     results["verdict"] = verdict(args, summary, images_summary)
     (args.out / "fp_study.json").write_text(json.dumps(_jsonable(results), indent=1))
     write_markdown(results, args, args.out / "fp_study.md")
+    parts.clear()
     log.info("done in %.1f min (estimated %.1f); wrote %s", results["total_s"] / 60,
              est["wall_s"] / 60, args.out)
     return results
