@@ -1,6 +1,6 @@
 """Issue 17, item 3 (study v2): when does the score-FPE regulariser help? (docs/MATH.md 4, 6, 9)
 
-    python experiments/fp_study.py                     # the full study, ~71 min on 2 cores
+    python experiments/fp_study.py                     # the full study, 97 min on 2 cores
     python experiments/fp_study.py --quick --out /tmp/fpq   # smoke run, ~35 s, concludes nothing
     python experiments/fp_study.py --no-images --seeds 3 --alphas 1e-3 1e-1 --out /tmp/fp
 
@@ -48,7 +48,7 @@ runs it (every random number comes from generators seeded by a hash of those nam
    (alpha 0, the consistent scalar term, beta ``--beta-consistent`` = 10: at converged mix2 and
    gmm32 checkpoints its gradient was 0.22 and 0.039 x DSM's at beta 1, so 10 puts it at
    0.4-2 x, the size of the paper's scalar term at beta 0.01 there, 0.08-1.4 x); ``paper`` (the combined
-   config: FP-Diffusion's own objective, FPLoss's defaults: alpha 0.15 in the paper's
+   config: FP-Diffusion's own objective, FPLoss(preset='paper'): alpha 0.15 in the paper's
    normalisation = 0.15 / D per dimension, beta 0.01, paper scalar, div form). FP terms on
    the first 64 samples of a batch, fused, one Rademacher probe.
 4. **Equal wall-clock.** The DSM-only continuation is also run on (same streams) to the step
@@ -104,7 +104,10 @@ worker-minutes, about 71 minutes on 2 workers (the digits chain, about 35 minute
 beside the vector tasks and takes precedence when ready). The estimate is printed at the
 start and written to the md beside the measured total and per-phase worker-seconds. A
 pretraining that runs to the cap (12000 steps) adds 0.3 min per task; a more loaded machine
-runs slower: the budget of 90 minutes leaves about 20%.
+runs slower. Measured (the committed run, experiments/results/fp_study.md): 97.4 minutes
+and 189 worker-minutes. The steps ran slower than COST says (a DSM step 7.7 ms, FP steps
+3.4-4.3x that), so the run overran the 90-minute budget by 8%. ``--ft-steps 400`` or
+``--alphas`` without 1e-5 would bring it back under.
 
 Outputs in --out: fp_study.json (every number, the command, git commit, machine, per-phase and
 total times), fp_study.md (tables with CIs, the convergence judgement, the calibration, a
@@ -1654,7 +1657,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--beta-consistent", type=float, default=10.0,
       help="beta of the 'scalar_consistent' config (alpha 0, scalar 'consistent'); 0 leaves it out")
     a("--combined", action=argparse.BooleanOptionalAction, default=True,
-      help="the 'paper' config: FP-Diffusion's objective (FPLoss defaults)")
+      help="the 'paper' config: FP-Diffusion's objective (FPLoss(preset='paper'))")
     a("--combined-alpha", type=float, default=0.15, help="its alpha (paper normalisation)")
     a("--combined-beta", type=float, default=0.01, help="its beta (paper scalar term)")
     a("--width", type=int, default=128, help="MLP width")

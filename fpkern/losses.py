@@ -7,9 +7,10 @@ per-sample vector term and the batch-level scalar term; the training loop reduce
 (``mean`` over the batch for the per-sample values) and weights them.
 
     dsm = DSMLoss(sde)                       # likelihood weighting, t ~ U[eps, T]
-    fp = FPLoss(sde)                         # paper defaults: alpha .15, beta .01, m 2, 'll'
-    fp = FPLoss(sde, alpha=4.9e-5, normalize="dim", scalar="consistent")  # the paper's
-                                             # CIFAR-10 strength in the per-dimension scale
+    fp = FPLoss(sde)                         # preset 'fpkern' (FP_PRESETS): the study's recipe
+    fp = FPLoss(sde, preset="paper")         # FP-Diffusion's objective: alpha .15, beta .01
+    fp = FPLoss(sde, alpha=4.9e-5, normalize="dim")   # the paper's CIFAR-10 strength in the
+                                             # per-dimension scale
     d, f = fp.with_dsm(dsm, score_fn, x, generator=g)   # DSMOutput, FPOutput
     loss = d.loss.mean() + f.loss
 
@@ -40,7 +41,7 @@ from fpkern.sde import LinearSDE
 
 __all__ = ["DSMLoss", "FPLoss", "DSMOutput", "FPOutput", "sample_time",
            "DSM_WEIGHTINGS", "WEIGHTINGS", "FP_POINTS", "ESTIMATORS", "NORMALIZATIONS",
-           "SCALAR_TERMS", "FP_FORMS"]
+           "SCALAR_TERMS", "FP_FORMS", "FP_PRESETS"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,6 +76,19 @@ SCALAR_TERMS = ("paper", "consistent")
 #: unbiased estimate of R^2 from two probe sets. It holds the scalar FPE with d_t log q
 #: itself, so the paper's scalar term (beta) does not apply.
 FP_FORMS = FORMS + ("log_density",)
+#: Named settings of the four knobs the FP study calibrates; the options FPLoss (and
+#: ``python -m fpkern.train``) leave at None take them from ``preset``:
+#: - 'fpkern' (the default): the recipe of README "Which FP term to train with", from
+#:   experiments/results/fp_study.md: the per-dimension normalisation, so that one alpha has
+#:   one strength against DSM at every D, and no scalar term;
+#: - 'paper': FP-Diffusion's own objective (its code's normalisation and scalar term, alpha
+#:   0.15, beta 0.01, the values of its CIFAR-10 configs), to reproduce the paper. Against
+#:   the per-dimension DSM its alpha weighs 3072 / D times more at dimension D than at
+#:   CIFAR-10's 3072 (docs/MATH.md 4), so at small D the regulariser dominates.
+FP_PRESETS: dict[str, dict] = {
+    "fpkern": dict(alpha=1e-4, beta=0.0, normalize="dim", scalar="consistent"),
+    "paper": dict(alpha=0.15, beta=0.01, normalize="paper", scalar="paper"),
+}
 
 
 def sample_time(n: int, *, eps: float, T: float, generator: torch.Generator | None = None,
@@ -162,21 +176,28 @@ class FPLoss:
     ``estimator``: 'vector' (|r|^2 from r) or 'projected' ((u . r)^2, see ESTIMATORS).
     ``form`` 'log_density' (an EnergyScore network): L_vec = w R_1 R_2 / D^2 ('paper') or
     / D ('dim'), the unbiased R^2 of the scalar log-density FPE (FP_FORMS), K = ``probes``
-    per set; ``beta`` defaults to 0.01 for the score forms and must be 0 for it.
+    per set; ``beta`` must be 0 for it (its default there whatever the preset).
+    ``alpha``, ``beta``, ``normalize`` and ``scalar`` left at None come from ``preset``
+    (FP_PRESETS): 'fpkern', the study's recipe, or 'paper', FP-Diffusion's objective.
     With form 'div', method 'fused' and estimator 'vector', the backward reruns the network
     (fpkern.ops.fused_div, like activation checkpointing): call backward before changing the
     parameters.
     """
 
-    def __init__(self, sde: LinearSDE, *, alpha: float = 0.15, beta: float | None = None,
-                 m: float = 2,
+    def __init__(self, sde: LinearSDE, *, alpha: float | None = None,
+                 beta: float | None = None, m: float = 2,
                  weighting: str = "ll", fp_points: str = "pert", form: str = "div",
                  method: str = "fused", probes: int = 1, probe_dist: str = "rademacher",
                  batch: int | None = None, data_range: tuple[float, float] | None = None,
-                 eps: float = 1e-5, estimator: str = "vector", normalize: str = "paper",
-                 scalar: str = "paper"):
+                 eps: float = 1e-5, estimator: str = "vector", normalize: str | None = None,
+                 scalar: str | None = None, preset: str = "fpkern"):
+        check_choice("preset", preset, sorted(FP_PRESETS))
+        knobs = FP_PRESETS[preset]
+        alpha = knobs["alpha"] if alpha is None else alpha
+        normalize = knobs["normalize"] if normalize is None else normalize
+        scalar = knobs["scalar"] if scalar is None else scalar
         if beta is None:
-            beta = 0.0 if form == "log_density" else 0.01
+            beta = 0.0 if form == "log_density" else knobs["beta"]
         check_choice("weighting", weighting, WEIGHTINGS)
         check_choice("normalize", normalize, NORMALIZATIONS)
         check_choice("scalar", scalar, SCALAR_TERMS)

@@ -67,14 +67,15 @@ def dsm_at(sde, f, xt, t, z):
                                           ("div", "exact"), ("laplacian", "naive")])
 @pytest.mark.parametrize("m", [2.0, 1.5])
 def test_paper_options_are_todays_formulas_exactly(form, method, m):
-    """FPLoss() defaults to normalize 'paper' and scalar 'paper', and its values are the
-    formulas it computed before the options existed: w |r|^m / D^m (fpe_terms with weight
+    """FPLoss(preset='paper') has normalize 'paper' and scalar 'paper', and its values are the
+    formulas FPLoss computed before the options existed: w |r|^m / D^m (fpe_terms with weight
     w / D^m for method fused) and the batch norm of h, compared with torch.equal."""
     sde = VPSDE()
     f = Separable()
     x = torch.randn(5, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(1))
-    default = FPLoss(sde, alpha=0.3, beta=0.2, m=m, form=form, method=method, probes=2)
+    default = FPLoss(sde, alpha=0.3, beta=0.2, m=m, form=form, method=method, probes=2,
+                     preset="paper")
     assert (default.normalize, default.scalar) == ("paper", "paper")
     out = default(f, x, dsm=dsm, generator=torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(2)
@@ -158,7 +159,7 @@ def test_alpha_conversion_gives_the_same_objective():
     x = torch.randn(6, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(8))
     for m in (2.0, 1.5):
-        paper = FPLoss(sde, alpha=0.15, beta=0.0, m=m)(f, x, dsm=dsm).loss
+        paper = FPLoss(sde, alpha=0.15, beta=0.0, m=m, normalize="paper")(f, x, dsm=dsm).loss
         dim = FPLoss(sde, alpha=0.15 / 12 ** (m / 2), beta=0.0, m=m, normalize="dim")(
             f, x, dsm=dsm).loss
         torch.testing.assert_close(dim, paper, rtol=1e-12, atol=0)
@@ -288,7 +289,7 @@ def test_consistent_scalar_can_be_negative_and_needs_two_samples():
     with pytest.raises(ValueError, match="scalar 'consistent' needs at least 2 FP samples"):
         fp(f, torch.randn(1, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="scalar 'consistent' needs batch >= 2"):
-        FPLoss(sde, scalar="consistent", batch=1)
+        FPLoss(sde, beta=0.01, scalar="consistent", batch=1)
     FPLoss(sde, beta=0.0, scalar="consistent", batch=1)     # no scalar term: allowed
 
 
@@ -353,7 +354,7 @@ def test_both_options_through_the_training_cli(tmp_path):
     rows = {}
     for norm, scalar in (("paper", "paper"), ("dim", "consistent")):
         wd = tmp_path / f"{norm}-{scalar}"
-        assert main(TINY + ["--fp-normalize", norm, "--fp-scalar", scalar,
+        assert main(TINY + ["--fp-normalize", norm, "--fp-scalar", scalar, "--beta", "0.01",
                             "--workdir", str(wd)]) == 0
         rows[norm] = _first_row(wd)
         options = load_checkpoint(list_checkpoints(wd / "checkpoints")[-1])["options"]
@@ -377,6 +378,34 @@ def test_bad_option_values_are_refused_naming_the_option(tmp_path, capsys):
         with pytest.raises(ValueError, match=f"{name}.*valid names"):
             TrainConfig(arch="mlp", **{name: "nope"}).resolved()
     with pytest.raises(ValueError, match="fp_scalar 'consistent' needs at least 2 FP samples"):
-        TrainConfig(arch="mlp", fp_scalar="consistent", fp_batch=1).resolved()
+        TrainConfig(arch="mlp", fp_scalar="consistent", fp_batch=1, beta=0.01).resolved()
     TrainConfig(arch="mlp", fp_scalar="consistent", fp_batch=1, beta=0.0).resolved()
     assert not (tmp_path / "w").exists()
+
+
+# ---- (e) the defaults (issue 17, item 5) ----------------------------------------------------
+def _fp_share(tmp_path, preset):
+    """Median over the steps of (alpha fp_vec + beta |fp_scalar|) / DSM, from `--arch mlp`
+    (checkerboard, every default but the size of the run) under one --fp-preset."""
+    from fpkern.losses import FP_PRESETS
+    from fpkern.train.cli import main
+    wd = tmp_path / preset
+    assert main(["--arch", "mlp", "--fp-preset", preset, "--steps", "150", "--mlp-width", "64",
+                 "--eval-every", "0", "--num-samples", "16", "--sample-steps", "2",
+                 "--log-every", "1", "--progress", "false", "--tensorboard", "false",
+                 "--workdir", str(wd)]) == 0
+    knobs = FP_PRESETS[preset]
+    rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+    share = [(knobs["alpha"] * r["fp_vec"] + knobs["beta"] * abs(r["fp_scalar"])) / r["dsm"]
+             for r in rows if "fp_vec" in r]
+    assert len(share) == 150
+    return sorted(share)[len(share) // 2]
+
+
+def test_default_objective_is_not_regulariser_dominated(tmp_path):
+    """The default objective (preset 'fpkern') stays a small correction to DSM on the
+    checkerboard MLP: the FP terms' median share of DSM is under 0.1 (about 0.02 measured);
+    the paper's objective at this D = 2 is above it (about 1.2: the regime issue 17 reports,
+    samples spread to +-400), so the check can fail."""
+    assert _fp_share(tmp_path, "fpkern") < 0.1
+    assert _fp_share(tmp_path, "paper") > 0.1

@@ -46,7 +46,7 @@ def test_fp_vec_weighting_and_normalisation(weighting, m):
     x = torch.randn(5, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     f = Field()
     dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(3))
-    fp = FPLoss(sde, alpha=0.5, beta=0.0, m=m, weighting=weighting, method="exact")
+    fp = FPLoss(sde, preset="paper", alpha=0.5, beta=0.0, m=m, weighting=weighting, method="exact")
     out = fp(f, x, dsm=dsm)
     r = fpe_residual(f, dsm.xt, dsm.t, sde, method="exact")
     w = {"constant": torch.ones_like(dsm.t), "convention": sde.g(dsm.t), "ll": sde.g2(dsm.t)}[weighting]
@@ -67,7 +67,7 @@ def test_fp_scalar_term_reuses_dsm_score():
         calls.append(y.shape)
         return f(y, t)
 
-    fp = FPLoss(sde, alpha=0.0, beta=0.25, probes=2)
+    fp = FPLoss(sde, preset="paper", alpha=0.0, beta=0.25, probes=2)
     out = fp(counted, x, dsm=dsm, generator=torch.Generator().manual_seed(6))
     div = hutchinson_divergence(f, dsm.xt, dsm.t, probes=2, generator=torch.Generator().manual_seed(6))
     fc, g2 = sde.f(dsm.t), sde.g2(dsm.t)
@@ -95,7 +95,7 @@ def test_fused_laplacian_loss_takes_both_terms_from_one_jet_pass(m):
         calls.append(isinstance(y, Jet))
         return f(y, t)
 
-    fp = FPLoss(sde, alpha=0.3, beta=0.2, m=m, form="laplacian", method="fused", probes=2)
+    fp = FPLoss(sde, preset="paper", alpha=0.3, beta=0.2, m=m, form="laplacian", method="fused", probes=2)
     out = fp(counted, x, dsm=dsm, generator=torch.Generator().manual_seed(9))
     assert calls == [True]
     V = resolve_probes(2, dsm.xt, "rademacher", torch.Generator().manual_seed(9))
@@ -118,10 +118,10 @@ def test_fp_points_and_subset():
     f = Field()
     dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(0))
     for pts in ("pert", "x", "random"):
-        out = FPLoss(sde, fp_points=pts, batch=3, method="exact")(f, x, dsm=dsm,
+        out = FPLoss(sde, preset="paper", fp_points=pts, batch=3, method="exact")(f, x, dsm=dsm,
                                                                   generator=torch.Generator().manual_seed(1))
         assert out.vec.shape == (3,) and torch.isfinite(out.loss)
-    yy, tt, _ = FPLoss(sde, fp_points="random").points(x, None, generator=torch.Generator().manual_seed(2))
+    yy, tt, _ = FPLoss(sde, preset="paper", fp_points="random").points(x, None, generator=torch.Generator().manual_seed(2))
     assert float(yy.min()) >= float(x.min()) and float(yy.max()) <= float(x.max())
     assert float(tt.min()) >= 1e-5
 
@@ -165,9 +165,9 @@ def test_projected_estimator_is_unbiased_for_the_vector_term():
     t = torch.full((3000,), 0.3, dtype=torch.float64)
     dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(5))
     dsm = dsm._replace(t=t, xt=x)                    # one point, many directions u
-    fp = FPLoss(sde, alpha=1.0, beta=0.0, estimator="projected")
+    fp = FPLoss(sde, preset="paper", alpha=1.0, beta=0.0, estimator="projected")
     proj = fp(f, x, dsm=dsm, generator=torch.Generator().manual_seed(6)).vec
-    exact = FPLoss(sde, alpha=1.0, beta=0.0, method="exact")(f, x[:1], dsm=dsm).vec[0]
+    exact = FPLoss(sde, preset="paper", alpha=1.0, beta=0.0, method="exact")(f, x[:1], dsm=dsm).vec[0]
     # probes: Rademacher, and for this field J is diagonal so div is exact for any probe
     sem = proj.std() / 3000 ** 0.5
     assert abs(proj.mean() - exact) < 5 * sem, (proj.mean(), exact, sem)
@@ -205,7 +205,7 @@ def test_fused_div_loss_takes_every_term_from_the_residuals_pass(estimator):
     f = Field()
     dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(8))
     counted, calls = _counting(f)
-    fp = FPLoss(sde, alpha=0.3, beta=0.2, probes=2, estimator=estimator)
+    fp = FPLoss(sde, preset="paper", alpha=0.3, beta=0.2, probes=2, estimator=estimator)
     out = fp(counted, x, dsm=dsm, generator=torch.Generator().manual_seed(9))
     assert calls == ["jet"]
     g = torch.Generator().manual_seed(9)
@@ -249,7 +249,7 @@ def test_with_dsm_equals_the_two_terms_apart(config, plain):
     params = [p for p in net.parameters() if p.requires_grad]
     x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     dsm = DSMLoss(sde)
-    fp = FPLoss(sde, **{"alpha": 0.3, "beta": 0.2, "probes": 2, **config})
+    fp = FPLoss(sde, preset="paper", **{"alpha": 0.3, "beta": 0.2, "probes": 2, **config})
     assert fp.shares_dsm_forward() == (plain != 6)
     seen = []
 
@@ -283,7 +283,7 @@ def test_fp_vec_dim_normalisation(weighting, m):
     x = torch.randn(5, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     f = Field()
     dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(3))
-    fp = FPLoss(sde, alpha=0.5, beta=0.0, m=m, weighting=weighting, method="exact",
+    fp = FPLoss(sde, preset="paper", alpha=0.5, beta=0.0, m=m, weighting=weighting, method="exact",
                 normalize="dim")
     out = fp(f, x, dsm=dsm)
     r = fpe_residual(f, dsm.xt, dsm.t, sde, method="exact")
@@ -292,7 +292,7 @@ def test_fp_vec_dim_normalisation(weighting, m):
     want = w * (r.flatten(1).pow(2).sum(1) / 6) ** (m / 2)
     torch.testing.assert_close(out.vec, want)
     torch.testing.assert_close(out.loss, 0.5 * want.mean())
-    paper = FPLoss(sde, alpha=0.5, beta=0.0, m=m, weighting=weighting, method="exact")(
+    paper = FPLoss(sde, preset="paper", alpha=0.5, beta=0.0, m=m, weighting=weighting, method="exact")(
         f, x, dsm=dsm)
     torch.testing.assert_close(out.vec, 6 ** (m / 2) * paper.vec)
 
@@ -304,7 +304,7 @@ def test_fp_consistent_scalar_term_from_the_dsm_score():
     x = torch.randn(7, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     f = Field()
     dsm = DSMLoss(sde)(f, x, generator=torch.Generator().manual_seed(5))
-    fp = FPLoss(sde, alpha=0.0, beta=0.25, probes=2, scalar="consistent")
+    fp = FPLoss(sde, preset="paper", alpha=0.0, beta=0.25, probes=2, scalar="consistent")
     out = fp(f, x, dsm=dsm, generator=torch.Generator().manual_seed(6))
     div = hutchinson_divergence(f, dsm.xt, dsm.t, probes=2,
                                 generator=torch.Generator().manual_seed(6))

@@ -90,8 +90,19 @@ def _model_and_data(g) -> None:
 def _objective(g) -> None:
     from fpkern.ops import FORMS, METHODS
 
-    g.add_argument("--alpha", type=float, default=0.15, help="weight of L_vec (0 disables)")
-    g.add_argument("--beta", type=float, default=0.01, help="weight of L_scalar (0 disables)")
+    from fpkern.losses import FP_PRESETS
+
+    presets = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in knobs.items())
+                        for name, knobs in FP_PRESETS.items())
+    g.add_argument("--fp-preset", choices=sorted(FP_PRESETS), default="fpkern",
+                   help="where --alpha, --beta, --fp-normalize and --fp-scalar come from when "
+                        "not given: fpkern = the recipe of README 'Which FP term to train "
+                        "with' (experiments/results/fp_study.md), paper = FP-Diffusion's "
+                        f"objective, to reproduce the paper ({presets})")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="weight of L_vec (0 disables) (default: from --fp-preset)")
+    g.add_argument("--beta", type=float, default=None,
+                   help="weight of L_scalar (0 disables) (default: from --fp-preset)")
     g.add_argument("--m", type=float, default=2.0, help="power of the residual norm in L_vec")
     g.add_argument("--weighting", choices=WEIGHTINGS, default="ll",
                    help="w(t) of L_vec: 1, g(t) or g(t)^2")
@@ -104,7 +115,7 @@ def _objective(g) -> None:
                    help="L_vec from the residual vector, or the forward-only unbiased (u . r)^2 "
                         "(div form, m 2, fused; faster per step, but its gradient is orders of "
                         "magnitude noisier: experiments/results/estimator_efficiency.md)")
-    g.add_argument("--fp-normalize", choices=NORMALIZATIONS, default="paper",
+    g.add_argument("--fp-normalize", choices=NORMALIZATIONS, default=None,
                    help="L_vec's normalisation by the dimension D: paper = w |r|^m / D^m "
                         "(FP-Diffusion's code; against the per-dimension-mean DSM it weakens "
                         "as D^(m/2)), dim = w (|r|^2 / D)^(m/2), the same strength against DSM "
@@ -112,12 +123,12 @@ def _objective(g) -> None:
                         "the paper's CIFAR-10 alpha 0.15 (D 3072, m 2) is alpha_dim 4.9e-5 "
                         "(in its VE configs, whose DSM is half the sum over D, not the mean: "
                         "2 alpha_paper / D^2 = 3.2e-8). "
-                        "docs/MATH.md section 4")
-    g.add_argument("--fp-scalar", choices=SCALAR_TERMS, default="paper",
+                        "docs/MATH.md section 4 (default: from --fp-preset)")
+    g.add_argument("--fp-scalar", choices=SCALAR_TERMS, default=None,
                    help="L_scalar: paper = the batch L2 norm of the scalar FPE right-hand side h "
                         "(not 0 at the true score), consistent = an unbiased estimate of "
                         "E[(h - D f(t)) / D]^2, 0 at the true score (can be negative; needs 2 "
-                        "FP samples). docs/MATH.md section 4")
+                        "FP samples). docs/MATH.md section 4 (default: from --fp-preset)")
     g.add_argument("--fp-batch", type=_opt_int, default=None,
                    help="samples per rank the FP terms use, 0 = all (in the div form with "
                         "method fused the DSM term takes these samples' score from the FP pass) "

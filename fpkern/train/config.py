@@ -30,7 +30,9 @@ ARCHS = ("ncsnpp", "ddpmpp", "mlp")
 
 #: Per-architecture defaults for the options left as None. The image defaults train the
 #: small preset on the embedded digits in minutes on a few CPU cores, the FP terms on 4
-#: samples every 10th step (their forward-mode passes cost several DSM steps each).
+#: samples every 10th step (their forward-mode passes cost several DSM steps each). The MLP
+#: needs 8000 steps and EMA 0.999 for its samples to show the checkerboard's squares (2000
+#: steps at EMA 0.995 gave a blur over [-4, 4], with or without the FP terms).
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "ncsnpp": dict(preset="small/ncsnpp", dataset="digits", steps=1500, batch_size=32, lr=1e-3,
                    warmup=100, ema=0.995, fp_batch=4, fp_every=10, sample_every=0, eval_every=0,
@@ -38,8 +40,8 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "ddpmpp": dict(preset="small/ddpmpp", dataset="digits", steps=1500, batch_size=32, lr=1e-3,
                    warmup=100, ema=0.995, fp_batch=4, fp_every=10, sample_every=0, eval_every=0,
                    ckpt_every=250, sample_steps=200, num_samples=64),
-    "mlp": dict(preset=None, dataset="checkerboard", sde="vp", steps=2000, batch_size=256,
-                lr=2e-3, warmup=100, ema=0.995, fp_batch=64, fp_every=1, sample_every=0,
+    "mlp": dict(preset=None, dataset="checkerboard", sde="vp", steps=8000, batch_size=256,
+                lr=2e-3, warmup=100, ema=0.999, fp_batch=64, fp_every=1, sample_every=0,
                 eval_every=500, ckpt_every=500, sample_steps=200, num_samples=2000),
 }
 
@@ -54,8 +56,11 @@ class TrainConfig:
     sde: str | None = None            # ve, vp or subvp (None: the preset's; vp for mlp)
     dataset: str | None = None        # image set (fpkern.data.images) or toy set (fpkern.data.toy2d)
     data_dir: str | None = None       # folder of file-based image sets
-    alpha: float = 0.15               # weight of the FP vector term L_vec (0 disables it)
-    beta: float = 0.01                # weight of the FP scalar term L_scalar (0 disables it)
+    fp_preset: str = "fpkern"         # where alpha, beta, fp_normalize, fp_scalar left at None
+                                      # come from: fpkern (the study's recipe) or paper
+                                      # (FP-Diffusion's objective), fpkern.losses.FP_PRESETS
+    alpha: float | None = None        # weight of the FP vector term L_vec (0 disables it)
+    beta: float | None = None         # weight of the FP scalar term L_scalar (0 disables it)
     m: float = 2.0                    # power of the residual norm in L_vec
     weighting: str = "ll"             # w(t) of L_vec: constant, convention (g) or ll (g^2)
     fp_points: str = "pert"           # FP points: pert (DSM's x_t), x (clean data), random
@@ -63,8 +68,8 @@ class TrainConfig:
     method: str = "fused"             # residual method: fused, exact or naive
     probes: int = 1                   # Hutchinson probes per sample
     fp_estimator: str = "vector"      # L_vec from r (vector) or forward-only (u . r)^2 (projected)
-    fp_normalize: str = "paper"       # L_vec / D^m (paper) or / D^(m/2) (dim: per-dimension)
-    fp_scalar: str = "paper"          # L_scalar: batch norm of h (paper) or consistent (0 at truth)
+    fp_normalize: str | None = None   # L_vec / D^m (paper) or / D^(m/2) (dim: per-dimension)
+    fp_scalar: str | None = None      # L_scalar: batch norm of h (paper) or consistent (0 at truth)
     fp_batch: int | None = None       # samples per rank the FP terms use (0: all)
     fp_every: int | None = None       # add the FP terms every this many steps
     dsm_weighting: str = "ll"         # DSM lambda(t): ll (g^2) or score_sde (sigma^2)
@@ -115,9 +120,15 @@ class TrainConfig:
         """The config the loop runs: per-arch defaults filled in (fp_batch 0 stays 0, all
         samples), every value converted to its field's type and checked; a bad option raises
         ValueError naming it."""
+        from fpkern.losses import FP_PRESETS
+
         check_choice("arch", self.arch, ARCHS)
+        check_choice("fp_preset", self.fp_preset, sorted(FP_PRESETS))
         given = dataclasses.replace(self, workdir=os.fspath(self.workdir))
-        filled = {k: v for k, v in ARCH_DEFAULTS[self.arch].items()
+        knobs = FP_PRESETS[self.fp_preset]
+        preset = {"alpha": knobs["alpha"], "beta": knobs["beta"],
+                  "fp_normalize": knobs["normalize"], "fp_scalar": knobs["scalar"]}
+        filled = {k: v for k, v in {**ARCH_DEFAULTS[self.arch], **preset}.items()
                   if getattr(given, k) is None}
         cfg = dataclasses.replace(given, **filled)
         cfg = dataclasses.replace(cfg, **{f.name: _typed(f.name, getattr(cfg, f.name), hint)

@@ -70,7 +70,7 @@ def user_step(score_fn, sde, x, form, g, *, dsm_first=False):
 
 
 def library_step(score_fn, sde, x, form, g):
-    fp = FPLoss(sde, alpha=ALPHA, beta=BETA, probes=K, form=form)
+    fp = FPLoss(sde, preset="paper", alpha=ALPHA, beta=BETA, probes=K, form=form)
     d, f = fp.with_dsm(DSMLoss(sde), score_fn, x, generator=g)
     return d.loss.mean() + f.loss
 

@@ -175,7 +175,8 @@ def test_bad_input_is_named(energy):
 def test_fp_loss_form_log_density(energy):
     sde = VPSDE()
     fp = FPLoss(sde, alpha=0.5, form="log_density", normalize="dim")
-    assert fp.beta == 0.0 and FPLoss(sde).beta == 0.01
+    assert fp.beta == 0.0 and FPLoss(sde, preset="paper").beta == 0.01
+    assert FPLoss(sde, form="log_density", preset="paper").beta == 0.0   # whatever the preset
     x = torch.randn(8, D, dtype=F64)
     d, f = fp.with_dsm(DSMLoss(sde), energy, x, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)          # the same draws: t and z, then the probes

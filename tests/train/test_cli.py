@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
+from fpkern.losses import FP_PRESETS
 from fpkern.train.checkpoint import load_checkpoint, list_checkpoints
+from fpkern.train.config import TrainConfig
 from fpkern.train.cli import build_parser, main, parse_args
 
 
@@ -24,7 +26,7 @@ def test_help_documents_every_option():
                  "--probes", "--resume", "--init-from", "--amp", "--sample-every", "--eval-every",
                  "--ckpt-every", "--device", "--grad-clip", "--ema", "--warmup"):
         assert name in text
-    assert "(default: 0.15)" in text and "(default: ll)" in text
+    assert "--fp-preset" in text and "(default: fpkern)" in text and "(default: ll)" in text
 
 
 def test_config_file_and_command_line_wins(tmp_path):
@@ -32,6 +34,27 @@ def test_config_file_and_command_line_wins(tmp_path):
     cfg.write_text('arch = "mlp"\nalpha = 0.5\nfp-points = "x"\nsteps = 7\n')
     args = parse_args(["--config", str(cfg), "--steps", "9"])
     assert args.arch == "mlp" and args.alpha == 0.5 and args.fp_points == "x" and args.steps == 9
+
+
+def test_fp_preset_fills_only_the_knobs_not_given():
+    """--fp-preset sets alpha, beta, fp_normalize and fp_scalar where they are not given;
+    'paper' is FP-Diffusion's objective; an explicit option wins over either preset."""
+    def knobs(*argv):
+        a = vars(parse_args(["--arch", "mlp", *argv]))
+        cfg = TrainConfig.from_options({k: v for k, v in a.items()
+                                        if k not in ("config", "log_level")}).resolved()
+        return cfg.alpha, cfg.beta, cfg.fp_normalize, cfg.fp_scalar
+
+    for name in ("fpkern", "paper"):
+        k = FP_PRESETS[name]
+        want = (k["alpha"], k["beta"], k["normalize"], k["scalar"])
+        assert knobs("--fp-preset", name) == want
+    assert knobs() == knobs("--fp-preset", "fpkern")
+    assert knobs("--fp-preset", "paper") == (0.15, 0.01, "paper", "paper")
+    assert knobs("--fp-preset", "paper", "--alpha", "0.5", "--fp-scalar", "consistent") == (
+        0.5, 0.01, "paper", "consistent")
+    with pytest.raises(SystemExit):
+        parse_args(["--fp-preset", "nope"])
 
 
 def test_bad_options(tmp_path):
@@ -56,7 +79,11 @@ def test_default_arch_run_writes_checkpoint_png_metrics(tmp_path):
     assert [p.name for p in ckpts] == ["checkpoint_00000002.pt"]
     ck = load_checkpoint(ckpts[-1])
     assert ck["step"] == 2 and ck["options"]["preset"] == "small/ncsnpp"
-    assert ck["options"]["alpha"] == 0.15 and ck["options"]["beta"] == 0.01
+    knobs = FP_PRESETS["fpkern"]
+    assert ck["options"]["fp_preset"] == "fpkern"
+    assert (ck["options"]["alpha"], ck["options"]["beta"]) == (knobs["alpha"], knobs["beta"])
+    assert (ck["options"]["fp_normalize"], ck["options"]["fp_scalar"]) == (knobs["normalize"],
+                                                                          knobs["scalar"])
     assert (wd / "samples" / "samples_00000002.png").stat().st_size > 0
     rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 1 and {"loss", "dsm", "fp_vec", "fp_scalar", "lr"} <= set(rows[0])
