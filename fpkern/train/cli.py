@@ -50,6 +50,15 @@ def _opt_int(s: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer (or none), got {s!r}") from None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once: an option whose help states its default (per --arch, from
+    --fp-preset) gets no "(default: None)" after it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default:" in text else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every TrainConfig option (plus --config and --log-level)."""
     p = ArgumentParser(
@@ -58,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "regulariser: L = DSM + alpha L_vec + beta L_scalar (docs/MATH.md section 4). "
                     "Under torchrun the ranks train data-parallel. Options left at None take "
                     "the per-architecture default.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--config", type=Path, default=None,
                    help="TOML (or YAML, if PyYAML is installed) file setting any of these "
                         "options by name (dashes or underscores); the command line wins")
