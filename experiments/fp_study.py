@@ -128,6 +128,7 @@ import math
 import multiprocessing as mp
 import queue as queue_mod
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -862,19 +863,25 @@ def run_tasks(args, tasks_vec: list[dict], bar, parts: "Parts") -> tuple[list, d
                                                     "seed": res["seed"], "config": "dsm",
                                                     "fp_train_s": res["train_s"]}))
 
+    def next_task():
+        """The next ready task to run, after handling the ready ones --resume has saved."""
+        while ready:
+            ready.sort(key=lambda r: r[0])
+            _, kind, spec = ready.pop(0)
+            res = parts.load(kind, spec)
+            if res is None:
+                return kind, spec
+            handle(kind, spec, res, cached=True)
+            bar.update(parts.units(kind, args))
+        return None
+
     if args.workers <= 1:
         global _PROGRESS
         _PROGRESS = lambda msg: _bar_update(bar, msg)  # noqa: E731
         try:
-            while ready:
-                ready.sort(key=lambda r: r[0])
-                _, kind, spec = ready.pop(0)
-                res = parts.load(kind, spec)
-                if res is not None:
-                    handle(kind, spec, res, cached=True)
-                    bar.update(parts.units(kind, args))
-                else:
-                    handle(kind, spec, fns[kind](spec))
+            while (task := next_task()) is not None:
+                kind, spec = task
+                handle(kind, spec, fns[kind](spec))
         finally:
             _PROGRESS = None
         return vec_results, image
@@ -885,15 +892,8 @@ def run_tasks(args, tasks_vec: list[dict], bar, parts: "Parts") -> tuple[list, d
                              initargs=(args.threads, q)) as pool:
         running = {}
         while ready or running:
-            ready.sort(key=lambda r: r[0])
-            while ready and len(running) < args.workers:
-                _, kind, spec = ready.pop(0)
-                res = parts.load(kind, spec)
-                if res is not None:
-                    handle(kind, spec, res, cached=True)
-                    bar.update(parts.units(kind, args))
-                    ready.sort(key=lambda r: r[0])
-                    continue
+            while len(running) < args.workers and (task := next_task()) is not None:
+                kind, spec = task
                 running[pool.submit(fns[kind], spec)] = (kind, spec)
             done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
             _drain(q, bar)
@@ -957,10 +957,7 @@ class Parts:
         return part["result"]
 
     def clear(self) -> None:
-        if self.dir.exists():
-            for f in self.dir.iterdir():
-                f.unlink()
-            self.dir.rmdir()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _bar_update(bar, msg: str) -> None:

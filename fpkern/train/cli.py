@@ -23,7 +23,7 @@ from fpkern.losses import (DSM_WEIGHTINGS, ESTIMATORS, FP_POINTS, NORMALIZATIONS
                            SCALAR_TERMS, WEIGHTINGS)
 from fpkern.train.config import ARCHS, TrainConfig, file_options, load_config
 
-__all__ = ["build_parser", "parse_args", "main", "load_config"]
+__all__ = ["build_parser", "parse_args", "train_config", "main", "load_config"]
 
 log = logging.getLogger("fpkern.train")
 
@@ -225,6 +225,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)  # the command line wins over the file
 
 
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed options (all but --config and --log-level), unresolved."""
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("config", "log_level")})
+
+
 @cli_boundary(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; the exit status (see the module docstring)."""
@@ -234,9 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=args.log_level if rank == 0 else "WARNING",
                         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
-    options = {k: v for k, v in vars(args).items() if k not in ("config", "log_level")}
     try:
-        training_loop(TrainConfig(**options))
+        training_loop(train_config(args))
     except NonFiniteLossError as e:
         log.error("training stopped: %s", e)
         return 3

@@ -10,8 +10,7 @@ import torch
 
 from fpkern.losses import FP_PRESETS
 from fpkern.train.checkpoint import load_checkpoint, list_checkpoints
-from fpkern.train.config import TrainConfig
-from fpkern.train.cli import build_parser, main, parse_args
+from fpkern.train.cli import build_parser, main, parse_args, train_config
 
 
 def test_help_documents_every_option():
@@ -40,9 +39,7 @@ def test_fp_preset_fills_only_the_knobs_not_given():
     """--fp-preset sets alpha, beta, fp_normalize and fp_scalar where they are not given;
     'paper' is FP-Diffusion's objective; an explicit option wins over either preset."""
     def knobs(*argv):
-        a = vars(parse_args(["--arch", "mlp", *argv]))
-        cfg = TrainConfig.from_options({k: v for k, v in a.items()
-                                        if k not in ("config", "log_level")}).resolved()
+        cfg = train_config(parse_args(["--arch", "mlp", *argv])).resolved()
         return cfg.alpha, cfg.beta, cfg.fp_normalize, cfg.fp_scalar
 
     for name in ("fpkern", "paper"):
